@@ -1,0 +1,67 @@
+"""The ``kdscale`` command line: train, validate. Thin: parses arguments, calls the packages, turns user errors
+into one clear message and exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdscale",
+        description="Distill a large teacher LLM into a small student: teacher hidden states, chunked KD losses, "
+        "FSDP2 students, a Ray controller.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("train", "run (or resume) a distillation"),
+        ("validate", "check a config and print it resolved, or print every problem"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    return parser
+
+
+def cmd_validate(config: str, overrides: list[str]) -> int:
+    from kdscale.config.load import ConfigError, dump_config, load_config
+    from kdscale.controller.preflight import preflight
+
+    cfg = load_config(config, overrides)
+    problems = preflight(cfg)
+    if problems:
+        raise ConfigError(config, problems)
+    print(dump_config(cfg), end="")
+    print(f"# OK: {config} is valid (run directory: {cfg.run_dir})", file=sys.stderr)
+    return 0
+
+
+def cmd_train(config: str, overrides: list[str]) -> int:
+    from kdscale.config.load import load_config
+    from kdscale.controller.driver import train
+    from kdscale.observability.logging import quiet_third_party
+
+    quiet_third_party()
+    cfg = load_config(config, overrides)
+    train(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "validate": cmd_validate}
+    try:
+        return commands[args.command](args.config, args.overrides)
+    except USER_ERRORS as exc:
+        print(f"kdscale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kdscale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The run configuration: typed sections, strict keys, defaults documented field by field.
+
+One YAML file describes one run. ``student.backend`` and ``teacher.engine`` are discriminators: each backend or
+engine has its own section schema, so a key that belongs to another backend is an error, not a silent no-op.
+Unknown keys anywhere are errors (``extra="forbid"``); ``kdscale.config.load`` turns them into "did you mean"
+messages. Cross-checks against the files on disk live in ``kdscale.config.checks``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(StrictModel):
+    """Where the run writes, how long it runs, when it logs, evaluates and saves."""
+
+    name: str = Field("run", description="Run name, used in the default output directory.")
+    output_dir: str = Field("runs/{name}", description="Run directory; '{name}' is replaced by run.name.")
+    seed: int = Field(0, description="Seed for data order, model init randomness and dropout.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps; default: num_epochs over the training data."
+    )
+    num_epochs: int = Field(1, ge=1, description="Epochs when max_steps is not set.")
+    log_every: int = Field(1, ge=1, description="Print a metrics line every N steps (all steps go to JSONL).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many most recent checkpoints to keep.")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N steps (0: only before and after).")
+    resume: str = Field(
+        "auto",
+        description="'auto' resumes from the latest checkpoint in the run directory if any, 'never' refuses "
+        "to reuse a run directory that has checkpoints, or a path to a checkpoint directory.",
+    )
+    export_hf: bool = Field(True, description="Export the trained student as a Hugging Face directory at the end.")
+    plot: bool = Field(True, description="Write loss_curve.png at the end.")
+    progress_bar: bool = Field(True, description="Show a progress bar on a terminal.")
+    cache_dir: str = Field(
+        ".kdscale_cache", description="Where converted teachers (GGUF -> HF) and derived students are cached."
+    )
+
+
+class HFTeacherConfig(StrictModel):
+    """Teacher engine ``hf``: a transformers causal LM (CPU default and reference engine)."""
+
+    engine: Literal["hf"]
+    model_path: str = Field(
+        description="HF model directory, a .gguf file, or pkg://<package>/<file> for a file shipped in a package."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
+    num_replicas: int = Field(1, ge=1, description="Teacher replicas (Ray actors); shards go round-robin.")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: all cores).")
+    max_tokens_per_forward: int = Field(8192, ge=1, description="Split micro-batches above this many tokens.")
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig], Field(discriminator="engine")]  # noqa: UP007
+
+
+class FSDP2StudentConfig(StrictModel):
+    """Student backend ``fsdp2``: PyTorch FSDP2 (``fully_shard`` per decoder layer, then the root)."""
+
+    backend: Literal["fsdp2"]
+    model_path: str | None = Field(None, description="HF student directory. Or set init_from_teacher_layers.")
+    init_from_teacher_layers: list[int] | None = Field(
+        None,
+        description="Derive the student from these teacher decoder layers (same embeddings, norm and head); "
+        "cached under run.cache_dir.",
+    )
+    num_ranks: int = Field(1, ge=1, description="Student ranks = data-parallel size (one Ray actor each).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available.")
+    mixed_precision: Literal["none", "bf16"] = Field("none", description="bf16 params, fp32 gradient reduction.")
+    activation_checkpointing: bool = False
+    num_threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank (default: cores/ranks).")
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    teacher_head_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the teacher output head held on each student rank."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FSDP2StudentConfig:
+        if (self.model_path is None) == (self.init_from_teacher_layers is None):
+            raise ValueError(
+                "set exactly one of student.model_path (an HF directory) and student.init_from_teacher_layers "
+                "(e.g. [0, 10, 20, 29])"
+            )
+        return self
+
+
+StudentConfig = Annotated[Union[FSDP2StudentConfig], Field(discriminator="backend")]  # noqa: UP007
+
+
+class LossConfig(StrictModel):
+    """The distillation objective: loss = kd_ratio * divergence + (1 - kd_ratio) * CE, per-token mean."""
+
+    divergence: Literal[
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "adaptive_kl"
+    ] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    kd_ratio: float = Field(1.0, ge=0, le=1, description="Weight of the divergence; 1 - kd_ratio goes to CE.")
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    skew_lambda: float = Field(0.1, ge=0, le=1)
+    adaptive_alpha: float = Field(0.5, gt=0, le=1)
+    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of the head matmul + divergence.")
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm (0: no clipping).")
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class DataConfig(StrictModel):
+    """Training and held-out data: JSONL rows of {prompt, response} or {messages}."""
+
+    train_path: str
+    eval_path: str | None = None
+    max_eval_samples: int | None = Field(None, ge=1)
+    max_seq_len: int = Field(1024, ge=8)
+    truncation: Literal["right", "drop"] = Field(
+        "right", description="'right': cut the end of long rows; 'drop': skip rows longer than max_seq_len."
+    )
+    global_batch_size: int = Field(8, ge=1, description="Samples per optimizer step, over all DP ranks.")
+    max_tokens_per_micro_batch: int = Field(
+        4096, ge=1, description="Padded tokens (rows x longest) per micro-batch; more micro-batches accumulate."
+    )
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Stop if more rows than this are malformed.")
+    shuffle: bool = True
+
+
+class TransportConfig(StrictModel):
+    """How teacher hidden states travel to the student ranks."""
+
+    backend: Literal["ray"] = "ray"
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="bf16 travels as int16 bits (half the bytes); float32 for exactness checks."
+    )
+
+
+class RayConfig(StrictModel):
+    """Ray cluster: start a local one (address unset) or join an existing one."""
+
+    address: str | None = Field(None, description="Existing cluster address ('auto' or host:port).")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local cluster (default: enough).")
+    object_store_memory_mb: int = Field(512, ge=64)
+    temp_dir: str | None = Field(None, description="Ray temp dir of a local cluster (default: a fresh /tmp dir).")
+    timeout_s: float = Field(1800.0, gt=0, description="Longest wait for any one teacher or student call.")
+
+
+class KDConfig(StrictModel):
+    """A whole run."""
+
+    run: RunConfig = RunConfig()
+    teacher: TeacherConfig
+    student: StudentConfig
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig
+    transport: TransportConfig = TransportConfig()
+    ray: RayConfig = RayConfig()
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.output_dir.replace("{name}", self.run.name)

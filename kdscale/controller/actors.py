@@ -1,0 +1,149 @@
+"""Ray actors: teacher replicas and student ranks.
+
+``TeacherReplica`` wraps a TeacherEngine; its ``forward`` returns a ``TeacherOutput`` that Ray stores in the object
+store as is. ``StudentRank`` wraps one rank of a StudentBackend: the ranks of a run form one torch.distributed
+group (gloo on CPU, NCCL on GPU), and each resolves the refs of the data-parallel shard it consumes itself, through
+the channel, so the hidden states are mapped from shared memory where they were produced.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import ray
+
+
+def _set_threads(num_threads: int | None) -> None:
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+        os.environ["OMP_NUM_THREADS"] = str(num_threads)
+
+
+@ray.remote(num_cpus=0)
+class TeacherReplica:
+    """One teacher engine in its own process."""
+
+    def __init__(self, engine: str, engine_kwargs: dict[str, Any], num_threads: int | None = None):
+        from kdscale.observability.logging import quiet_third_party
+
+        quiet_third_party()
+        _set_threads(num_threads)
+        from kdscale.teacher import build_teacher_engine
+
+        self.engine = build_teacher_engine(engine, **engine_kwargs)
+
+    def start(self) -> int:
+        """Load the model; returns the hidden size."""
+        self.engine.start()
+        return self.engine.hidden_size
+
+    def forward(self, micro_batch):
+        """Hidden states of one micro-batch's prediction positions (a TeacherOutput, kept in the object store)."""
+        return self.engine.forward(micro_batch)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class StudentRank:
+    """One rank of the student backend; all ranks form one torch.distributed process group."""
+
+    def __init__(self, rank: int, world_size: int, num_threads: int | None = None, device: str = "cpu"):
+        from kdscale.observability.logging import quiet_third_party
+
+        quiet_third_party()
+        _set_threads(num_threads)
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.backend = None
+        self.channel = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port (rank 0 hosts the process-group rendezvous)."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return ip, sock.getsockname()[1]
+
+    def setup(
+        self,
+        *,
+        master_addr: str,
+        master_port: int,
+        backend: str,
+        backend_kwargs: dict[str, Any],
+        teacher_model_dir: str,
+        teacher_head_dtype: str,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        """Join the process group, read the teacher head from its checkpoint files, build the backend."""
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        from kdscale.checkpoint.hf_io import read_output_head
+        from kdscale.student import build_student_backend
+        from kdscale.transport.channel import RayObjectStoreChannel
+
+        os.environ["MASTER_ADDR"] = master_addr
+        os.environ["MASTER_PORT"] = str(master_port)
+        if self.device == "cuda":
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        dist.init_process_group(
+            backend="nccl" if self.device == "cuda" else "gloo",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        dtype = torch.bfloat16 if teacher_head_dtype == "bfloat16" else torch.float32
+        teacher_head = read_output_head(teacher_model_dir, dtype=dtype)
+        self.backend = build_student_backend(backend, teacher_head=teacher_head, device=self.device, **backend_kwargs)
+        self.backend.setup()
+        self.channel = RayObjectStoreChannel(timeout_s=timeout_s)
+        return {"layout": self.backend.layout(), "dp_rank": self.backend.dp_rank}
+
+    def train_step(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
+        """Resolve this shard's teacher refs (zero-copy), run one optimizer step, return its metrics."""
+        teacher_hidden = self.channel.get(teacher_refs)
+        start = time.perf_counter()
+        metrics = self.backend.train_step(
+            micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens
+        )
+        out = _as_dict(metrics)
+        out["student_s"] = time.perf_counter() - start
+        out["transfer_s"] = self.channel.last_get_seconds
+        out["transfer_bytes"] = self.channel.last_get_bytes
+        return out
+
+    def evaluate(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
+        teacher_hidden = self.channel.get(teacher_refs)
+        return self.backend.evaluate(micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens)
+
+    def save(self, path: str) -> None:
+        self.backend.save(path)
+
+    def load(self, path: str) -> None:
+        self.backend.load(path)
+
+    def export_hf(self, path: str) -> None:
+        self.backend.export_hf(path)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _as_dict(metrics: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(metrics) if is_dataclass(metrics) else dict(metrics)

@@ -1,0 +1,123 @@
+"""Cross-checks of a run config against the files on disk, before anything heavy starts.
+
+Reads only metadata (config.json, GGUF headers, file existence) so ``kdscale validate`` answers in seconds.
+Every problem found is collected; the caller raises one ``ConfigError`` listing them all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdscale.config.schema import KDConfig
+
+
+@dataclass
+class ModelInfo:
+    """What the checks need to know of a model, read from config.json or a GGUF header."""
+
+    path: Path
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_heads: int
+    max_positions: int | None
+
+
+def describe_model(path: Path) -> ModelInfo:
+    """Read architecture sizes from an HF directory's config.json or a .gguf file's metadata."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        import gguf
+
+        fields = gguf.GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+
+        def get(key: str, default=None):
+            field = fields.get(f"{arch}.{key}")
+            return field.contents() if field is not None else default
+
+        vocab = get("vocab_size") or len(fields["tokenizer.ggml.tokens"].data)
+        return ModelInfo(path, get("block_count"), get("embedding_length"), vocab, get("attention.head_count"),
+                         get("context_length"))
+    config = json.loads((path / "config.json").read_text())
+    config = config.get("text_config", config)
+    return ModelInfo(
+        path,
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["vocab_size"],
+        config["num_attention_heads"],
+        config.get("max_position_embeddings"),
+    )
+
+
+def _check_model_path(label: str, spec: str, problems: list[str]) -> Path | None:
+    from kdscale.checkpoint.hf_io import resolve_model_path
+
+    try:
+        path = resolve_model_path(spec)
+    except ValueError as exc:
+        problems.append(f"{label}: {exc}")
+        return None
+    if path.is_dir() and not (path / "config.json").is_file():
+        problems.append(f"{label}: {path} has no config.json; expected a Hugging Face model directory")
+        return None
+    return path
+
+
+def preflight(cfg: KDConfig) -> list[str]:
+    """Every problem of ``cfg`` that can be seen without loading a model; empty when all is well."""
+    problems: list[str] = []
+    for label, value in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if value is not None and not Path(value).is_file():
+            problems.append(f"{label}: file {value!r} does not exist")
+
+    teacher_path = _check_model_path("teacher.model_path", cfg.teacher.model_path, problems)
+    teacher = describe_model(teacher_path) if teacher_path else None
+    student = None
+    if cfg.student.model_path is not None:
+        student_path = _check_model_path("student.model_path", cfg.student.model_path, problems)
+        student = describe_model(student_path) if student_path else None
+    elif teacher is not None:
+        layers = cfg.student.init_from_teacher_layers or []
+        bad = [i for i in layers if not 0 <= i < teacher.num_layers]
+        if bad or not layers or len(set(layers)) != len(layers) or sorted(layers) != layers:
+            problems.append(
+                f"student.init_from_teacher_layers: {layers} must be distinct, increasing teacher layer indices "
+                f"in [0, {teacher.num_layers - 1}] (the teacher has {teacher.num_layers} layers)"
+            )
+        student = teacher
+
+    if teacher is not None and student is not None and cfg.student.model_path is not None:
+        if teacher.vocab_size != student.vocab_size:
+            # Different padding is fine (the loss slices both heads to the tokenizer's size, checked at start-up);
+            # different tokenizers are not (cross-tokenizer distillation is a separate algorithm).
+            pad_only = min(teacher.vocab_size, student.vocab_size) >= 0.9 * max(teacher.vocab_size, student.vocab_size)
+            if not pad_only:
+                problems.append(
+                    f"teacher vocab_size {teacher.vocab_size} and student vocab_size {student.vocab_size} differ by "
+                    "more than padding: same-tokenizer distillation needs the same tokenizer"
+                )
+    if student is not None and student.max_positions and cfg.data.max_seq_len > student.max_positions:
+        problems.append(
+            f"data.max_seq_len {cfg.data.max_seq_len} exceeds the student's max_position_embeddings "
+            f"{student.max_positions}; lower data.max_seq_len"
+        )
+
+    ranks = cfg.student.num_ranks
+    if cfg.data.global_batch_size % ranks:
+        problems.append(
+            f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by student.num_ranks {ranks}: "
+            f"use a multiple of {ranks}"
+        )
+    if cfg.student.device == "cuda" and cfg.ray.address is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < ranks:
+            problems.append(f"student.device=cuda with student.num_ranks={ranks} needs {ranks} GPUs; {gpus} found")
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
+        problems.append(f"run.resume: checkpoint directory {cfg.run.resume!r} does not exist ('auto', 'never' or a path)")
+    return problems
