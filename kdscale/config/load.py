@@ -13,7 +13,6 @@ from pydantic import BaseModel, ValidationError
 
 from kdscale.config.schema import KDConfig
 
-
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 

@@ -54,6 +54,7 @@ class HFTeacherConfig(StrictModel):
         description="HF model directory, a .gguf file, or pkg://<package>/<file> for a file shipped in a package."
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available.")
     num_replicas: int = Field(1, ge=1, description="Teacher replicas (Ray actors); shards go round-robin.")
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: all cores).")
     max_tokens_per_forward: int = Field(8192, ge=1, description="Split micro-batches above this many tokens.")

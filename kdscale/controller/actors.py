@@ -1,7 +1,7 @@
 """Ray actors: teacher replicas and student ranks.
 
-``TeacherReplica`` wraps a TeacherEngine; its ``forward`` returns a ``TeacherOutput`` that Ray stores in the object
-store as is. ``StudentRank`` wraps one rank of a StudentBackend: the ranks of a run form one torch.distributed
+``TeacherReplica`` wraps a TeacherEngine; its ``forward`` puts the ``TeacherOutput`` into the object store (always
+shared memory: a plain return value under ~100 KiB would be inlined and copied) and returns the ref to route. ``StudentRank`` wraps one rank of a StudentBackend: the ranks of a run form one torch.distributed
 group (gloo on CPU, NCCL on GPU), and each resolves the refs of the data-parallel shard it consumes itself, through
 the channel, so the hidden states are mapped from shared memory where they were produced.
 """
@@ -34,17 +34,19 @@ class TeacherReplica:
         quiet_third_party()
         _set_threads(num_threads)
         from kdscale.teacher import build_teacher_engine
+        from kdscale.transport.channel import RayObjectStoreChannel
 
         self.engine = build_teacher_engine(engine, **engine_kwargs)
+        self.channel = RayObjectStoreChannel()
 
     def start(self) -> int:
         """Load the model; returns the hidden size."""
         self.engine.start()
         return self.engine.hidden_size
 
-    def forward(self, micro_batch):
-        """Hidden states of one micro-batch's prediction positions (a TeacherOutput, kept in the object store)."""
-        return self.engine.forward(micro_batch)
+    def forward(self, micro_batch) -> ray.ObjectRef:
+        """Hidden states of one micro-batch's prediction positions, put in the object store; returns its ref."""
+        return self.channel.put(self.engine.forward(micro_batch))
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -80,7 +82,6 @@ class StudentRank:
         backend: str,
         backend_kwargs: dict[str, Any],
         teacher_model_dir: str,
-        teacher_head_dtype: str,
         timeout_s: float,
     ) -> dict[str, Any]:
         """Join the process group, read the teacher head from its checkpoint files, build the backend."""
@@ -103,8 +104,7 @@ class StudentRank:
             world_size=self.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        dtype = torch.bfloat16 if teacher_head_dtype == "bfloat16" else torch.float32
-        teacher_head = read_output_head(teacher_model_dir, dtype=dtype)
+        teacher_head = read_output_head(teacher_model_dir, dtype=torch.float32)  # the backend casts it
         self.backend = build_student_backend(backend, teacher_head=teacher_head, device=self.device, **backend_kwargs)
         self.backend.setup()
         self.channel = RayObjectStoreChannel(timeout_s=timeout_s)

@@ -84,7 +84,7 @@ def train(cfg: KDConfig) -> RunSummary:
                                 progress_bar=cfg.run.progress_bar, start_step=start_step)
         metrics.truncate_after(start_step)
         eval_layout = layout(eval_samples, 0, 0) if eval_samples else None
-        eval_refs = _teacher_refs(teachers, eval_layout) if eval_layout else None
+        eval_refs = _teacher_refs(teachers, eval_layout, cfg.ray.timeout_s) if eval_layout else None
         if eval_layout and start_step == 0:
             _evaluate(students, eval_layout, eval_refs, 0, metrics, cfg)
 
@@ -93,9 +93,7 @@ def train(cfg: KDConfig) -> RunSummary:
             step_start = time.perf_counter()
             epoch, samples = sampler.next_step()
             step_layout = layout([train_samples[i] for i in samples], step, epoch)
-            teacher_refs = _teacher_refs(teachers, step_layout)
-            ray.wait([r for shard in teacher_refs for r in shard], num_returns=sum(map(len, teacher_refs)),
-                     timeout=cfg.ray.timeout_s)
+            teacher_refs = _teacher_refs(teachers, step_layout, cfg.ray.timeout_s)
             teacher_wait_s = time.perf_counter() - step_start
             results = ray.get(
                 [
@@ -182,8 +180,11 @@ def _start_teachers(cfg: KDConfig, models: PreparedModels) -> list:
         "attn_implementation": t.attn_implementation,
         "max_tokens_per_forward": t.max_tokens_per_forward,
     }
+    device = _device(t.device)
+    kwargs["device"] = device
     threads = t.num_threads or os.cpu_count()
-    teachers = [TeacherReplica.remote(t.engine, kwargs, threads) for _ in range(t.num_replicas)]
+    options = {"num_gpus": 1} if device == "cuda" else {}
+    teachers = [TeacherReplica.options(**options).remote(t.engine, kwargs, threads) for _ in range(t.num_replicas)]
     ray.get([r.start.remote() for r in teachers], timeout=cfg.ray.timeout_s)
     get_logger().info(f"{len(teachers)} teacher replica(s) ready ({t.engine}: {models.teacher_dir})")
     return teachers
@@ -193,11 +194,7 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int) -> 
     from kdscale.controller.actors import StudentRank
 
     s = cfg.student
-    device = s.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(s.device)
     threads = s.num_threads_per_rank or max(1, (os.cpu_count() or 1) // s.num_ranks)
     options = {"num_gpus": 1} if device == "cuda" else {}
     ranks = [StudentRank.options(**options).remote(r, s.num_ranks, threads, device) for r in range(s.num_ranks)]
@@ -207,7 +204,7 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int) -> 
         [
             r.setup.remote(
                 master_addr=master_addr, master_port=master_port, backend=s.backend, backend_kwargs=kwargs,
-                teacher_model_dir=str(models.teacher_dir), teacher_head_dtype=s.teacher_head_dtype,
+                teacher_model_dir=str(models.teacher_dir),
                 timeout_s=cfg.ray.timeout_s,
             )
             for r in ranks
@@ -236,19 +233,21 @@ def _student_backend_kwargs(cfg: KDConfig, models: PreparedModels, total_steps: 
         "activation_checkpointing": s.activation_checkpointing,
         "seed": cfg.run.seed,
         "attn_implementation": s.attn_implementation,
+        "teacher_head_dtype": s.teacher_head_dtype,
     }
 
 
-def _teacher_refs(teachers: list, layout: StepLayout) -> list[list]:
-    """Send every micro-batch of every DP shard to a teacher replica (round-robin); refs per shard."""
-    refs, n = [], 0
+def _teacher_refs(teachers: list, layout: StepLayout, timeout_s: float) -> list[list]:
+    """Send every micro-batch of every DP shard to a teacher replica (round-robin); wait until all are done;
+    return, per shard, the refs of the hidden states in the object store (the data itself stays there)."""
+    calls, n = [], 0
     for shard in layout.shards:
-        shard_refs = []
+        shard_calls = []
         for micro_batch in shard:
-            shard_refs.append(teachers[n % len(teachers)].forward.remote(micro_batch))
+            shard_calls.append(teachers[n % len(teachers)].forward.remote(micro_batch))
             n += 1
-        refs.append(shard_refs)
-    return refs
+        calls.append(shard_calls)
+    return [ray.get(shard_calls, timeout=timeout_s) for shard_calls in calls]
 
 
 def _step_metrics(results: list[dict], layout: StepLayout, teacher_wait_s: float, step_s: float, epoch: int) -> dict:
@@ -318,6 +317,14 @@ def _summary_line(s: RunSummary) -> str:
     if s.eval_kl_before is not None and s.eval_kl_after is not None:
         kl = f" | held-out KL(teacher||student): {s.eval_kl_before:.4f} -> {s.eval_kl_after:.4f} nats/token"
     return f"done: {s.steps} steps in {s.wall_s:.0f}s{kl} | {s.train_tokens_per_s:.0f} train tok/s | run dir {s.run_dir}"
+
+
+def _device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pad_id(tokenizer) -> int:

@@ -1,8 +1,9 @@
 """HiddenStateChannel: how teacher outputs reach the student ranks that consume them.
 
-Design: a teacher replica returns a ``TeacherOutput`` (a numpy array: bf16 as int16 bits, or float32) from a Ray
-actor method, so the object lands in the Ray object store as is. The driver never touches the data: it routes the
-*refs* to the ranks that consume that data-parallel shard. A consuming rank calls ``get``: on the same node
+Design: a teacher replica ``put``s each ``TeacherOutput`` (a numpy array: bf16 as int16 bits, or float32) into the
+Ray object store itself (``ray.put`` always uses shared memory, whereas a small actor return value would be inlined
+and copied) and hands back the ref. The driver never touches the data: it routes the *refs* to the ranks that
+consume that data-parallel shard. A consuming rank calls ``get``: on the same node
 ``ray.get`` maps the object store's shared memory and returns a read-only numpy view, and ``as_tensor`` views it
 as a torch tensor, so no byte is copied on the consumer side. The tensors are READ-ONLY: never write into them.
 """
