@@ -4,8 +4,11 @@ into one clear message and exit code 2 (no traceback)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+# kdscale raises user errors (config, data, model paths, checkpoints) as ValueError subclasses with a message that
+# names the problem and the fix. KDSCALE_DEBUG=1 shows the traceback as well.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args.config, args.overrides)
     except USER_ERRORS as exc:
+        if os.environ.get("KDSCALE_DEBUG"):
+            raise
         print(f"kdscale {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

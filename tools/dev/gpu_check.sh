@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent GPU machine (its image has torch + transformers, no Ray): the
+# GPU-marked tests, the loss tests and the hidden-state == full-logit equivalence on CUDA-capable torch, and the
+# chunked-loss memory benchmark on the GPU. Prints everything; exits non-zero if any part fails.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
+python -m pip install -q --no-deps pydantic pyyaml >/dev/null 2>&1 || true
+status=0
+python -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_losses.py tests/unit/test_equivalence.py -rs || status=1
+python benchmarks/bench_chunked_loss_memory.py --device cuda || status=1
+exit $status
