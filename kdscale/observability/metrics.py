@@ -44,8 +44,12 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after ``step`` (they belong to the interrupted tail)."""
+        """On resume: drop records of steps after ``step`` (they belong to the interrupted tail); a fresh start
+        (``step`` 0) drops everything an earlier, checkpoint-less attempt wrote."""
         if not self.path.exists():
+            return
+        if step == 0:
+            self.path.unlink()
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")

