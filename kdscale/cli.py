@@ -1,4 +1,4 @@
-"""The ``kdscale`` command line: train, validate. Thin: parses arguments, calls the packages, turns user errors
+"""The ``kdscale`` command line: train, validate, convert. Thin: parses arguments, calls the packages, turns user errors
 into one clear message and exit code 2 (no traceback)."""
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    convert = sub.add_parser(
+        "convert",
+        help="convert checkpoints between Hugging Face and Megatron-Core (see `kdscale convert DIRECTION -h`)",
+    )
+    convert.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    convert.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the converter")
     return parser
 
 
@@ -53,8 +59,16 @@ def cmd_train(config: str, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_convert(direction: str, args: list[str]) -> int:
+    from kdscale.checkpoint.convert import hf_to_mcore_main, mcore_to_hf_main
+
+    return (hf_to_mcore_main if direction == "hf-to-mcore" else mcore_to_hf_main)(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        return cmd_convert(args.direction, args.args)
     commands = {"train": cmd_train, "validate": cmd_validate}
     try:
         return commands[args.command](args.config, args.overrides)

@@ -44,6 +44,9 @@ Design
       ``current_device()``, ``Stream``/``default_stream``/``synchronize``.
     - ``models.common.language_module.language_module``: ``weight.data.cuda()`` when the embedding is tied across
       pipeline stages (wrapped).
+    - ``dist_checkpointing.strategies.filesystem_async``: ``torch.cuda.synchronize()`` in ``preload_tensors``
+      (``non_blocking=True`` hard-coded); ``strategies.state_dict_saver``: ``device='cuda'``, ``current_device()``;
+      ``strategies.async_utils`` and ``exchange_utils``: ``"cuda"`` literals, ``current_device()``.
 
 Assumptions
     - Megatron-Core is used with the LOCAL layer spec (``get_gpt_layer_local_spec``): Transformer Engine and Apex do
@@ -108,6 +111,10 @@ PATCHED_MODULES: tuple[str, ...] = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.exchange_utils",
 )
 """Megatron modules whose module-level ``torch`` is replaced by the CPU stand-in (see the module docstring)."""
 
