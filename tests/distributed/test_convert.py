@@ -160,12 +160,13 @@ def spawned_checks(rank: int, cases: dict[str, dict], work: str) -> dict:
         load_torch_dist_into(chunks, case["mcore_dir"])
         save_torch_dist_model(chunks, work_dir / name / "resaved_pp2vpp2")
         _write_legacy(chunks, work_dir / name / "legacy_pp2vpp2", with_pp_suffix=True)
-    # Phase 3: TP2 (DP2): logits, legacy TP2 without a PP suffix.
+    # Phase 3: TP2 (DP2): logits, re-save, legacy TP2 without a PP suffix.
     _reinit(2, 1)
     for name, case in cases.items():
         out[name]["tp2"] = megatron_logits(case["hf_config"], Path(case["mcore_dir"]), case["padded_vocab"])
         model = _build_stage(case["hf_config"], case["padded_vocab"])
         load_torch_dist_into(model, case["mcore_dir"])
+        save_torch_dist_model(model, work_dir / name / "resaved_tp2")
         _write_legacy(model, work_dir / name / "legacy_tp2", with_pp_suffix=False)
     # Phase 4: TP1 (DP4): logits.
     _reinit(1, 1)
@@ -228,7 +229,7 @@ def test_megatron_logits_match_hf(converted, family, tp):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("layout", ["resaved_tp2pp2", "resaved_pp2", "resaved_pp2vpp2"])
+@pytest.mark.parametrize("layout", ["resaved_tp2", "resaved_tp2pp2", "resaved_pp2", "resaved_pp2vpp2"])
 def test_resharded_resave_reads_back_bit_exact(converted, family, layout, tmp_path):
     cases, _, work = converted
     hf_dir = Path(cases[family]["hf_dir"])
