@@ -13,6 +13,7 @@ from kdscale.student.base import StepMetrics, StudentBackend
 # name -> (module, class). Add a backend here; its module is imported only when chosen.
 _BACKENDS: dict[str, tuple[str, str]] = {
     "fsdp2": ("kdscale.student.fsdp2.backend", "FSDP2Backend"),
+    "megatron": ("kdscale.student.megatron.backend", "MegatronBackend"),
 }
 
 
