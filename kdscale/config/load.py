@@ -26,6 +26,19 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in the config {source}:\n{lines}")
 
 
+# Keys that belong to another backend's section: say which, instead of a generic list.
+_KEY_HINTS = {
+    ("MegatronStudentConfig", "num_ranks"): "the megatron backend sets data_parallel_size "
+    "(world size = tensor_parallel_size x pipeline_parallel_size x data_parallel_size)",
+    ("MegatronStudentConfig", "activation_checkpointing"): "the megatron backend calls it recompute_activations",
+    ("MegatronStudentConfig", "attn_implementation"): "the megatron backend runs Megatron's own attention",
+    **{
+        ("FSDP2StudentConfig", key): "tensor/pipeline parallelism needs student.backend=megatron"
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "virtual_pipeline_parallel_size")
+    },
+}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'optim.lr=3e-4'`` -> (['optim', 'lr'], 3e-4). The value is parsed as YAML (numbers, lists, null)."""
     if "=" not in text:
@@ -129,6 +142,7 @@ def format_validation_errors(exc: ValidationError, raw: dict) -> list[str]:
             options = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(str(loc[-1]), options, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(options)}"
+            hint = _KEY_HINTS.get((model.__name__ if model else "", str(loc[-1])), hint)
             problems.append(f"{key}: unknown key; {hint}")
         elif kind == "missing":
             problems.append(f"{key}: required, but missing")

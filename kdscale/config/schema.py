@@ -64,28 +64,24 @@ class HFTeacherConfig(StrictModel):
 TeacherConfig = Annotated[Union[HFTeacherConfig], Field(discriminator="engine")]  # noqa: UP007
 
 
-class FSDP2StudentConfig(StrictModel):
-    """Student backend ``fsdp2``: PyTorch FSDP2 (``fully_shard`` per decoder layer, then the root)."""
+class _StudentCommon(StrictModel):
+    """Keys every student backend has."""
 
-    backend: Literal["fsdp2"]
     model_path: str | None = Field(None, description="HF student directory. Or set init_from_teacher_layers.")
     init_from_teacher_layers: list[int] | None = Field(
         None,
         description="Derive the student from these teacher decoder layers (same embeddings, norm and head); "
         "cached under run.cache_dir.",
     )
-    num_ranks: int = Field(1, ge=1, description="Student ranks = data-parallel size (one Ray actor each).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available.")
     mixed_precision: Literal["none", "bf16"] = Field("none", description="bf16 params, fp32 gradient reduction.")
-    activation_checkpointing: bool = False
     num_threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank (default: cores/ranks).")
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     teacher_head_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the teacher output head held on each student rank."
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> FSDP2StudentConfig:
+    def _one_source(self):
         if (self.model_path is None) == (self.init_from_teacher_layers is None):
             raise ValueError(
                 "set exactly one of student.model_path (an HF directory) and student.init_from_teacher_layers "
@@ -94,7 +90,59 @@ class FSDP2StudentConfig(StrictModel):
         return self
 
 
-StudentConfig = Annotated[Union[FSDP2StudentConfig], Field(discriminator="backend")]  # noqa: UP007
+class FSDP2StudentConfig(_StudentCommon):
+    """Student backend ``fsdp2``: PyTorch FSDP2 (``fully_shard`` per decoder layer, then the root)."""
+
+    backend: Literal["fsdp2"]
+    num_ranks: int = Field(1, ge=1, description="Student ranks = data-parallel size (one Ray actor each).")
+    activation_checkpointing: bool = False
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+
+    @property
+    def world_size(self) -> int:
+        return self.num_ranks
+
+    @property
+    def dp_size(self) -> int:
+        return self.num_ranks
+
+
+class MegatronStudentConfig(_StudentCommon):
+    """Student backend ``megatron``: Megatron-Core GPTModel with tensor, pipeline and data parallelism.
+
+    World size = tensor_parallel_size x pipeline_parallel_size x data_parallel_size (one Ray actor per rank).
+    """
+
+    backend: Literal["megatron"]
+    tensor_parallel_size: int = Field(1, ge=1, description="Must divide the attention heads and KV heads.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Must divide the number of layers.")
+    virtual_pipeline_parallel_size: int | None = Field(
+        None, ge=2, description="Interleaved pipeline chunks per stage (needs pipeline_parallel_size > 1)."
+    )
+    data_parallel_size: int = Field(1, ge=1)
+    use_distributed_optimizer: bool = False
+    recompute_activations: bool = Field(False, description="Full activation recomputation per layer.")
+    make_vocab_size_divisible_by: int = Field(128, ge=1, description="Vocabulary padding multiple (TP must divide).")
+
+    @model_validator(mode="after")
+    def _vpp_needs_pp(self):
+        if self.virtual_pipeline_parallel_size is not None and self.pipeline_parallel_size < 2:
+            raise ValueError(
+                f"virtual_pipeline_parallel_size={self.virtual_pipeline_parallel_size} needs "
+                f"pipeline_parallel_size >= 2 (got {self.pipeline_parallel_size}): unset it or raise pipeline_parallel_size"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.data_parallel_size
+
+
+StudentConfig = Annotated[Union[FSDP2StudentConfig, MegatronStudentConfig], Field(discriminator="backend")]  # noqa: UP007
 
 
 class LossConfig(StrictModel):

@@ -108,7 +108,11 @@ class StudentRank:
         self.backend = build_student_backend(backend, teacher_head=teacher_head, device=self.device, **backend_kwargs)
         self.backend.setup()
         self.channel = RayObjectStoreChannel(timeout_s=timeout_s)
-        return {"layout": self.backend.layout(), "dp_rank": self.backend.dp_rank}
+        return {
+            "layout": self.backend.layout(),
+            "dp_rank": self.backend.dp_rank,
+            "consumes_teacher_outputs": getattr(self.backend, "consumes_teacher_outputs", True),
+        }
 
     def train_step(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
         """Resolve this shard's teacher refs (zero-copy), run one optimizer step, return its metrics."""

@@ -35,7 +35,7 @@ def ray_cluster(cfg: KDConfig, run_dir: Path) -> Iterator[None]:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
         temp_dir = cfg.ray.temp_dir or (own_temp := tempfile.mkdtemp(prefix="kdray-", dir="/tmp"))
-        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, cfg.student.num_ranks + cfg.teacher.num_replicas)
+        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, cfg.student.world_size + cfg.teacher.num_replicas)
         log.info(f"starting a local Ray cluster ({num_cpus} CPUs, object store {cfg.ray.object_store_memory_mb} MiB)")
         ray.init(
             num_cpus=num_cpus,

@@ -61,7 +61,7 @@ def train(cfg: KDConfig) -> RunSummary:
         shuffle=cfg.data.shuffle,
     )
     total_steps = cfg.run.max_steps or sampler.steps_per_epoch * cfg.run.num_epochs
-    dp_size = cfg.student.num_ranks
+    dp_size = cfg.student.dp_size
 
     def layout(samples: list, step: int, epoch: int) -> StepLayout:
         return build_step_layout(
@@ -75,7 +75,7 @@ def train(cfg: KDConfig) -> RunSummary:
         start_step = 0
         if resume_from is not None:
             state = run_checkpoints.read_state(resume_from)
-            ray.get([s.load.remote(str(resume_from)) for _, s in students], timeout=cfg.ray.timeout_s)
+            ray.get([s.load.remote(str(resume_from)) for _, _, s in students], timeout=cfg.ray.timeout_s)
             sampler.load_state_dict(state["sampler"])
             start_step = state["step"]
             log.info(f"resumed from {resume_from} at step {start_step}")
@@ -97,8 +97,9 @@ def train(cfg: KDConfig) -> RunSummary:
             teacher_wait_s = time.perf_counter() - step_start
             results = ray.get(
                 [
-                    student.train_step.remote(step_layout.shards[dp], teacher_refs[dp], step_layout.global_num_loss_tokens)
-                    for dp, student in students
+                    student.train_step.remote(step_layout.shards[dp], teacher_refs[dp] if consumes else [],
+                                              step_layout.global_num_loss_tokens)
+                    for dp, consumes, student in students
                 ],
                 timeout=cfg.ray.timeout_s,
             )
@@ -117,10 +118,10 @@ def train(cfg: KDConfig) -> RunSummary:
         hf_dir = None
         if cfg.run.export_hf:
             hf_dir = run_dir / "hf_student"
-            ray.get([s.export_hf.remote(str(hf_dir)) for _, s in students], timeout=cfg.ray.timeout_s)
+            ray.get([s.export_hf.remote(str(hf_dir)) for _, _, s in students], timeout=cfg.ray.timeout_s)
             metrics.info(f"student exported as a Hugging Face model: {hf_dir}")
         metrics.close()
-        ray.get([s.shutdown.remote() for _, s in students], timeout=cfg.ray.timeout_s)
+        ray.get([s.shutdown.remote() for _, _, s in students], timeout=cfg.ray.timeout_s)
         ray.get([t.shutdown.remote() for t in teachers], timeout=cfg.ray.timeout_s)
 
     summary = _summarize(cfg, run_dir, total_steps, hf_dir, time.perf_counter() - started)
@@ -195,9 +196,10 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int) -> 
 
     s = cfg.student
     device = _device(s.device)
-    threads = s.num_threads_per_rank or max(1, (os.cpu_count() or 1) // s.num_ranks)
+    world = s.world_size
+    threads = s.num_threads_per_rank or max(1, (os.cpu_count() or 1) // world)
     options = {"num_gpus": 1} if device == "cuda" else {}
-    ranks = [StudentRank.options(**options).remote(r, s.num_ranks, threads, device) for r in range(s.num_ranks)]
+    ranks = [StudentRank.options(**options).remote(r, world, threads, device) for r in range(world)]
     master_addr, master_port = ray.get(ranks[0].address.remote(), timeout=cfg.ray.timeout_s)
     kwargs = _student_backend_kwargs(cfg, models, total_steps)
     infos = ray.get(
@@ -211,13 +213,14 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int) -> 
         ],
         timeout=cfg.ray.timeout_s,
     )
-    get_logger().info(f"{len(ranks)} student rank(s) ready ({s.backend} on {device}, layout {infos[0]['layout']})")
-    return [(info["dp_rank"], rank) for rank, info in zip(ranks, infos)]
+    get_logger().info(f"{len(ranks)} student rank(s) ready ({s.backend} on {device}; teacher outputs of each DP "
+                      f"shard go to ranks {infos[0]['layout']})")
+    return [(info["dp_rank"], info["consumes_teacher_outputs"], rank) for rank, info in zip(ranks, infos)]
 
 
 def _student_backend_kwargs(cfg: KDConfig, models: PreparedModels, total_steps: int) -> dict[str, Any]:
     s, o = cfg.student, cfg.optim
-    return {
+    kwargs = {
         "model_path": str(models.student_dir),
         "vocab_size": models.vocab_size,
         "loss": cfg.loss.model_dump(),
@@ -230,11 +233,21 @@ def _student_backend_kwargs(cfg: KDConfig, models: PreparedModels, total_steps: 
         "total_steps": total_steps,
         "min_lr_ratio": o.min_lr_ratio,
         "mixed_precision": s.mixed_precision,
-        "activation_checkpointing": s.activation_checkpointing,
         "seed": cfg.run.seed,
-        "attn_implementation": s.attn_implementation,
         "teacher_head_dtype": s.teacher_head_dtype,
     }
+    if s.backend == "fsdp2":
+        kwargs.update(activation_checkpointing=s.activation_checkpointing, attn_implementation=s.attn_implementation)
+    else:
+        kwargs.update(
+            tensor_parallel_size=s.tensor_parallel_size,
+            pipeline_parallel_size=s.pipeline_parallel_size,
+            virtual_pipeline_parallel_size=s.virtual_pipeline_parallel_size,
+            use_distributed_optimizer=s.use_distributed_optimizer,
+            recompute_activations=s.recompute_activations,
+            make_vocab_size_divisible_by=s.make_vocab_size_divisible_by,
+        )
+    return kwargs
 
 
 def _teacher_refs(teachers: list, layout: StepLayout, timeout_s: float) -> list[list]:
@@ -273,7 +286,8 @@ def _step_metrics(results: list[dict], layout: StepLayout, teacher_wait_s: float
 def _evaluate(students: list, layout: StepLayout, refs: list[list], step: int, metrics: MetricsWriter,
               cfg: KDConfig) -> float:
     results = ray.get(
-        [s.evaluate.remote(layout.shards[dp], refs[dp], layout.global_num_loss_tokens) for dp, s in students],
+        [s.evaluate.remote(layout.shards[dp], refs[dp] if consumes else [], layout.global_num_loss_tokens)
+         for dp, consumes, s in students],
         timeout=cfg.ray.timeout_s,
     )
     kl = float(results[0]["kl"])
@@ -286,7 +300,7 @@ def _evaluate(students: list, layout: StepLayout, refs: list[list], step: int, m
 
 def _save(cfg: KDConfig, run_dir: Path, students: list, step: int, sampler) -> None:
     tmp = run_checkpoints.begin(run_dir, step)
-    ray.get([s.save.remote(str(tmp)) for _, s in students], timeout=cfg.ray.timeout_s)
+    ray.get([s.save.remote(str(tmp)) for _, _, s in students], timeout=cfg.ray.timeout_s)
     final = run_checkpoints.commit(run_dir, tmp, step, {"sampler": sampler.state_dict()}, keep=cfg.run.keep_checkpoints)
     get_logger().info(f"checkpoint saved: {final}")
 

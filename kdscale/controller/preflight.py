@@ -22,6 +22,7 @@ class ModelInfo:
     hidden_size: int
     vocab_size: int
     num_heads: int
+    num_kv_heads: int
     max_positions: int | None
 
 
@@ -39,8 +40,9 @@ def describe_model(path: Path) -> ModelInfo:
             return field.contents() if field is not None else default
 
         vocab = get("vocab_size") or len(fields["tokenizer.ggml.tokens"].data)
-        return ModelInfo(path, get("block_count"), get("embedding_length"), vocab, get("attention.head_count"),
-                         get("context_length"))
+        heads = get("attention.head_count")
+        return ModelInfo(path, get("block_count"), get("embedding_length"), vocab, heads,
+                         get("attention.head_count_kv", heads), get("context_length"))
     config = json.loads((path / "config.json").read_text())
     config = config.get("text_config", config)
     return ModelInfo(
@@ -49,6 +51,7 @@ def describe_model(path: Path) -> ModelInfo:
         config["hidden_size"],
         config["vocab_size"],
         config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
         config.get("max_position_embeddings"),
     )
 
@@ -77,9 +80,11 @@ def preflight(cfg: KDConfig) -> list[str]:
     teacher_path = _check_model_path("teacher.model_path", cfg.teacher.model_path, problems)
     teacher = describe_model(teacher_path) if teacher_path else None
     student = None
+    student_layers = None
     if cfg.student.model_path is not None:
         student_path = _check_model_path("student.model_path", cfg.student.model_path, problems)
         student = describe_model(student_path) if student_path else None
+        student_layers = student.num_layers if student else None
     elif teacher is not None:
         layers = cfg.student.init_from_teacher_layers or []
         bad = [i for i in layers if not 0 <= i < teacher.num_layers]
@@ -89,6 +94,7 @@ def preflight(cfg: KDConfig) -> list[str]:
                 f"in [0, {teacher.num_layers - 1}] (the teacher has {teacher.num_layers} layers)"
             )
         student = teacher
+        student_layers = len(layers)
 
     if teacher is not None and student is not None and cfg.student.model_path is not None:
         if teacher.vocab_size != student.vocab_size:
@@ -106,18 +112,40 @@ def preflight(cfg: KDConfig) -> list[str]:
             f"{student.max_positions}; lower data.max_seq_len"
         )
 
-    ranks = cfg.student.num_ranks
-    if cfg.data.global_batch_size % ranks:
+    dp_key = "student.num_ranks" if cfg.student.backend == "fsdp2" else "student.data_parallel_size"
+    ranks = cfg.student.world_size
+    if cfg.data.global_batch_size % cfg.student.dp_size:
         problems.append(
-            f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by student.num_ranks {ranks}: "
-            f"use a multiple of {ranks}"
+            f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by {dp_key} "
+            f"{cfg.student.dp_size}: use a multiple of {cfg.student.dp_size}"
         )
+    if cfg.student.backend == "megatron" and student is not None:
+        problems.extend(_megatron_layout_problems(cfg.student, student, student_layers))
     if cfg.student.device == "cuda" and cfg.ray.address is None:
         import torch
 
         gpus = torch.cuda.device_count()
         if gpus < ranks:
-            problems.append(f"student.device=cuda with student.num_ranks={ranks} needs {ranks} GPUs; {gpus} found")
+            problems.append(f"student.device=cuda with {ranks} student rank(s) needs {ranks} GPUs; {gpus} found")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
         problems.append(f"run.resume: checkpoint directory {cfg.run.resume!r} does not exist ('auto', 'never' or a path)")
+    return problems
+
+
+def _megatron_layout_problems(student_cfg, student: ModelInfo, num_layers: int | None) -> list[str]:
+    """TP must divide the heads and KV heads, PP (x VPP) the layers."""
+    problems = []
+    tp, pp = student_cfg.tensor_parallel_size, student_cfg.pipeline_parallel_size
+    vpp = student_cfg.virtual_pipeline_parallel_size or 1
+    for what, count in (("num_attention_heads", student.num_heads), ("num_key_value_heads", student.num_kv_heads)):
+        if count % tp:
+            problems.append(
+                f"student.tensor_parallel_size {tp} must divide the student's {what} ({count}): "
+                f"use one of {[d for d in range(1, count + 1) if count % d == 0 and student.num_heads % d == 0]}"
+            )
+    if num_layers is not None and num_layers % (pp * vpp):
+        problems.append(
+            f"the student's {num_layers} layers are not divisible by pipeline_parallel_size x "
+            f"virtual_pipeline_parallel_size = {pp} x {vpp}: choose sizes whose product divides {num_layers}"
+        )
     return problems
