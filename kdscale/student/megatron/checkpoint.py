@@ -19,11 +19,14 @@ restores one shared ``common_step`` tensor, which torch's Adam would increment o
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +108,46 @@ def _separate_step_tensors(optimizer: Any) -> None:
                 state["step"] = step.detach().clone()
 
 
+def _set_main_param_and_states_without_step(optimizer: Any, model_param: Any, tensors: dict[str, Any]) -> None:
+    """``DistributedOptimizer._set_main_param_and_optimizer_states`` for torch's Adam: copy only the tensors the
+    checkpoint has. Megatron's version copies every key of the live state, including torch Adam's ``step``, which
+    the fully reshardable format does not carry per parameter (it restores it from the param groups), so it raises
+    ``KeyError: 'step'``."""
+    group_index, group_order = optimizer.model_param_group_index_map[model_param]
+    main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
+    destinations = {"param": main_param, **optimizer.optimizer.state[main_param]}
+    for key, value in tensors.items():
+        destinations[key].copy_(value)
+
+
+@contextlib.contextmanager
+def _distributed_optimizer_load_fixes(optimizer: Any) -> Iterator[None]:
+    """While loading: each distributed optimizer (torch Adam, not precision-aware) copies only saved tensors."""
+    patched = []
+    for inner in _inner_optimizers(optimizer):
+        config = getattr(inner, "config", None)
+        if not hasattr(inner, "model_param_group_index_map") or getattr(
+            config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
+        ):
+            continue
+        inner._set_main_param_and_optimizer_states = functools.partial(_set_main_param_and_states_without_step, inner)
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states
+
+
+def _saved_with_distributed_optimizer(optim_dir: Path) -> bool:
+    """Whether ``optim/`` was written by Megatron's distributed optimizer (its fully reshardable format stores the
+    fp32 main parameters as ``optimizer.state.param.*``; the non-distributed optimizer does not)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(optim_dir))
+    return any(key.startswith("optimizer.state.param.") for key in metadata)
+
+
 def load_checkpoint(backend: MegatronBackend, path: str | Path) -> int:
     """Restore a checkpoint written by :func:`save_checkpoint` at any layout (collective); returns the step."""
     from megatron.core import dist_checkpointing
@@ -123,6 +166,14 @@ def load_checkpoint(backend: MegatronBackend, path: str | Path) -> int:
             f"the checkpoint's padded vocabulary has {saved_vocab} rows but this backend pads to "
             f"{backend.padded_vocab}: set make_vocab_size_divisible_by as when the checkpoint was saved"
         )
+    saved_distributed = _saved_with_distributed_optimizer(path / OPTIM_SUBDIR)
+    if saved_distributed != backend.use_distributed_optimizer:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds optimizer state written with use_distributed_optimizer="
+            f"{saved_distributed} but this backend has use_distributed_optimizer={backend.use_distributed_optimizer}"
+            ": the two optimizers' state formats differ. Resume with the same optimizer type (set "
+            f"use_distributed_optimizer={saved_distributed}); the TP/PP/DP layout may change"
+        )
     with torch.no_grad():
         # Create every optimizer state tensor first (dummy values, replaced in place by the load).
         for inner in _inner_optimizers(backend.optimizer):
@@ -139,7 +190,8 @@ def load_checkpoint(backend: MegatronBackend, path: str | Path) -> int:
             _model_sharded_state_dict(backend), is_loading=True, metadata=_OPTIM_METADATA
         )
         loaded_optim = dist_checkpointing.load(optim_sd, str(path / OPTIM_SUBDIR))
-        backend.optimizer.load_state_dict(loaded_optim)
+        with _distributed_optimizer_load_fixes(backend.optimizer):
+            backend.optimizer.load_state_dict(loaded_optim)
         _separate_step_tensors(backend.optimizer)
     rank = dist.get_rank()
     own_file = _rank_file(path, rank)

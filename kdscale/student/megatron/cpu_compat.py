@@ -124,6 +124,8 @@ WRAPPED_FUNCTIONS: tuple[tuple[str, str], ...] = (
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    # send_tensor.cuda() when gathering the distributed optimizer's state for a fully reshardable checkpoint.
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
     # weight.data.cuda() for an embedding tied across pipeline stages.
     ("megatron.core.models.common.language_module.language_module", "LanguageModule.setup_embeddings_and_output_layer"),
 )
