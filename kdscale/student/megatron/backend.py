@@ -532,7 +532,7 @@ class MegatronBackend:
             # Keep the head and every layer in the graph (zero gradients) so that all ranks reduce the same grads.
             loss = (output_tensor.sum() + student_head.sum()) * 0.0
             return loss, count, {"stats": torch.zeros(num_stats, dtype=torch.float64)}
-        rows = teacher_hidden[step_input.index]
+        rows = teacher_hidden[step_input.index].to(self.device)  # callers may pass host tensors (no-op on CPU)
         out = self.stage_loss(hidden_rows, student_head, rows, labels, normalizer=normalizer)
         stats = [out.kd_sum, out.ce_sum]
         if with_forward_kl:
