@@ -30,10 +30,20 @@ from torch.distributed.tensor import DTensor
 
 from kdscale.data.batch import MicroBatch
 from kdscale.student.base import StepMetrics
+from kdscale.student.common import (
+    LOSS_KEYS,  # noqa: F401 (re-exported: a public name of this module)
+    adam_kwargs,
+    all_reduce_sum,
+    as_dtype,
+    check_global_loss_tokens,
+    eval_metrics,
+    per_token_losses,
+    teacher_hidden_error,
+    validate_student_args,
+)
 from kdscale.student.fsdp2 import checkpoint
 from kdscale.student.fsdp2.module import DistillationModule
 from kdscale.student.fsdp2.parallelize import (
-    MIXED_PRECISION,
     apply_activation_checkpointing,
     apply_fsdp,
     decoder_layers,
@@ -41,27 +51,7 @@ from kdscale.student.fsdp2.parallelize import (
 )
 from kdscale.student.schedule import warmup_cosine_lambda
 
-# Keyword arguments of kdscale.losses.chunked_distill_loss that the ``loss`` option may set.
-LOSS_KEYS = (
-    "divergence",
-    "temperature",
-    "kd_ratio",
-    "jsd_beta",
-    "skew_lambda",
-    "adaptive_alpha",
-    "chunk_size",
-    "compute_dtype",
-)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HF_PREFIX = "model."  # attribute path of the HF model inside DistillationModule
-
-
-def _as_dtype(value: str | torch.dtype, name: str) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in _DTYPES:
-        raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}")
-    return _DTYPES[value]
 
 
 class FSDP2Backend:
@@ -89,29 +79,18 @@ class FSDP2Backend:
         attn_implementation: str = "eager",
         teacher_head_dtype: str | torch.dtype = torch.bfloat16,
     ) -> None:
-        loss = dict(loss or {})
-        unknown = sorted(set(loss) - set(LOSS_KEYS))
-        if unknown:
-            raise ValueError(f"unknown loss options {unknown}; the loss accepts {list(LOSS_KEYS)}")
-        if "compute_dtype" in loss:
-            loss["compute_dtype"] = _as_dtype(loss["compute_dtype"], "loss.compute_dtype")
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if teacher_head.dim() != 2:
-            raise ValueError(f"teacher_head must be [V_teacher, H_teacher], got shape {tuple(teacher_head.shape)}")
-        if not 0 < vocab_size <= teacher_head.shape[0]:
-            raise ValueError(
-                f"vocab_size ({vocab_size}) must be in [1, teacher head rows = {teacher_head.shape[0]}]: pass the "
-                "tokenizer's vocabulary size, and the teacher head that covers it"
-            )
-        if grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
+        loss = validate_student_args(
+            teacher_head=teacher_head,
+            vocab_size=vocab_size,
+            loss=loss,
+            mixed_precision=mixed_precision,
+            device=device,
+            grad_clip=grad_clip,
+        )
         self.model_path = str(model_path)
         self.vocab_size = vocab_size
         self.loss_kwargs = loss
-        self.optim_kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+        self.optim_kwargs = {"lr": lr, **adam_kwargs(weight_decay=weight_decay, betas=betas, eps=eps)}
         self.grad_clip = grad_clip
         self.lr_lambda = warmup_cosine_lambda(
             warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
@@ -121,7 +100,7 @@ class FSDP2Backend:
         self.seed = seed
         self.device_type = device
         self.attn_implementation = attn_implementation
-        self.teacher_head_dtype = _as_dtype(teacher_head_dtype, "teacher_head_dtype")
+        self.teacher_head_dtype = as_dtype(teacher_head_dtype, "teacher_head_dtype")
         self._teacher_head_source = teacher_head
         self._step = 0
         self._is_setup = False
@@ -211,25 +190,7 @@ class FSDP2Backend:
         self, micro_batches: list[MicroBatch], teacher_hidden: list[torch.Tensor]
     ) -> RuntimeError | ValueError | None:
         """The first problem with this rank's inputs, or None."""
-        if len(micro_batches) != len(teacher_hidden):
-            return ValueError(
-                f"{len(micro_batches)} micro-batches but {len(teacher_hidden)} teacher hidden tensors: pass one "
-                "teacher output per micro-batch, in the same order"
-            )
-        hidden_size = self.teacher_head.shape[1]
-        for index, (micro_batch, hidden) in enumerate(zip(micro_batches, teacher_hidden)):
-            if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
-                return ValueError(
-                    f"teacher hidden of micro-batch {index} has shape {tuple(hidden.shape)}; expected "
-                    f"[num_loss_tokens, {hidden_size}] (the teacher head's hidden size)"
-                )
-            if hidden.shape[0] != micro_batch.num_loss_tokens:
-                return RuntimeError(
-                    f"teacher hidden of micro-batch {index} has {hidden.shape[0]} rows but the micro-batch has "
-                    f"{micro_batch.num_loss_tokens} loss tokens (loss_mask[:, 1:].sum()): the teacher output "
-                    "does not belong to this micro-batch"
-                )
-        return None
+        return teacher_hidden_error(micro_batches, teacher_hidden, self.teacher_head.shape[1])
 
     def _check_step_inputs(
         self, micro_batches: list[MicroBatch], teacher_hidden: list[torch.Tensor], global_num_loss_tokens: int
@@ -262,13 +223,7 @@ class FSDP2Backend:
                 "number of micro-batches per step (lay the global batch out with equal counts per DP rank)"
             )
         total_loss_tokens, total_tokens = int(counts[:, 1].sum()), int(counts[:, 2].sum())
-        if total_loss_tokens != global_num_loss_tokens:
-            raise ValueError(
-                f"global_num_loss_tokens={global_num_loss_tokens} but the micro-batches of all ranks hold "
-                f"{total_loss_tokens} loss tokens: pass StepLayout.global_num_loss_tokens of this step"
-            )
-        if total_loss_tokens == 0:
-            raise ValueError("the global batch has no loss tokens: every loss_mask is empty")
+        check_global_loss_tokens(total_loss_tokens, global_num_loss_tokens)
         return total_loss_tokens, total_tokens
 
     def _forward(
@@ -283,11 +238,6 @@ class FSDP2Backend:
             normalizer,
             with_forward_kl,
         )
-
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.to(self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values.cpu()
 
     def train_step(
         self,
@@ -306,7 +256,7 @@ class FSDP2Backend:
             loss, stats = self._forward(micro_batch, hidden, float(global_num_loss_tokens))
             (loss * self._grad_scale if self._grad_scale != 1.0 else loss).backward()
             sums += stats
-        kd_sum, ce_sum = self._all_reduce_sum(sums).tolist()
+        kd_sum, ce_sum = all_reduce_sum(sums, self.device).tolist()
 
         grad_norm = self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
@@ -315,10 +265,9 @@ class FSDP2Backend:
         self.optimizer.zero_grad(set_to_none=True)
         self._step += 1
 
-        kd_ratio = self.loss_kwargs.get("kd_ratio", 1.0)
-        kd, ce = kd_sum / num_loss_tokens, ce_sum / num_loss_tokens
+        mean_loss, kd, ce = per_token_losses(self.loss_kwargs, kd_sum, ce_sum, num_loss_tokens)
         return StepMetrics(
-            loss=kd_ratio * kd + (1.0 - kd_ratio) * ce,
+            loss=mean_loss,
             kd=kd,
             ce=ce,
             grad_norm=grad_norm,
@@ -356,16 +305,8 @@ class FSDP2Backend:
             sums += stats
         self.module.reshard()  # the root stays unsharded after a forward without backward: free it
         self.module.train()
-        kd_sum, ce_sum, kl_sum = self._all_reduce_sum(sums).tolist()
-        kd_ratio = self.loss_kwargs.get("kd_ratio", 1.0)
-        kd, ce = kd_sum / num_loss_tokens, ce_sum / num_loss_tokens
-        return {
-            "kl": kl_sum / num_loss_tokens,
-            "loss": kd_ratio * kd + (1.0 - kd_ratio) * ce,
-            "kd": kd,
-            "ce": ce,
-            "num_loss_tokens": num_loss_tokens,
-        }
+        kd_sum, ce_sum, kl_sum = all_reduce_sum(sums, self.device).tolist()
+        return eval_metrics(self.loss_kwargs, kd_sum, ce_sum, kl_sum, num_loss_tokens)
 
     # ---------------------------------------------------------------- checkpoints
 

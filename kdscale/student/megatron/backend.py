@@ -39,29 +39,19 @@ import torch.distributed as dist
 
 from kdscale.data.batch import MicroBatch, gather_labels, gather_prediction_rows
 from kdscale.student.base import StepMetrics
-from kdscale.student.schedule import warmup_cosine_lambda
-
-# Keyword arguments of kdscale.losses.chunked_distill_loss that the ``loss`` option may set (as in FSDP2).
-LOSS_KEYS = (
-    "divergence",
-    "temperature",
-    "kd_ratio",
-    "jsd_beta",
-    "skew_lambda",
-    "adaptive_alpha",
-    "chunk_size",
-    "compute_dtype",
+from kdscale.student.common import (
+    LOSS_KEYS,  # noqa: F401 (re-exported: a public name of this module)
+    MIXED_PRECISION,  # noqa: F401 (re-exported: a public name of this module)
+    adam_kwargs,
+    all_reduce_sum,
+    as_dtype,
+    check_global_loss_tokens,
+    eval_metrics,
+    per_token_losses,
+    teacher_hidden_error,
+    validate_student_args,
 )
-MIXED_PRECISION = ("none", "bf16")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _as_dtype(value: str | torch.dtype, name: str) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in _DTYPES:
-        raise ValueError(f"{name} must be one of {sorted(_DTYPES)} or a torch.dtype, got {value!r}")
-    return _DTYPES[value]
+from kdscale.student.schedule import warmup_cosine_lambda
 
 
 @dataclass
@@ -116,25 +106,14 @@ class MegatronBackend:
         """Same keyword arguments as ``FSDP2Backend`` (``attn_implementation`` is ignored: Megatron's own
         attention runs), plus the Megatron parallel sizes, the distributed optimizer, full activation
         recomputation (``recompute_activations`` or ``activation_checkpointing``) and the vocabulary padding."""
-        loss = dict(loss or {})
-        unknown = sorted(set(loss) - set(LOSS_KEYS))
-        if unknown:
-            raise ValueError(f"unknown loss options {unknown}; the loss accepts {list(LOSS_KEYS)}")
-        if "compute_dtype" in loss:
-            loss["compute_dtype"] = _as_dtype(loss["compute_dtype"], "loss.compute_dtype")
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if teacher_head.dim() != 2:
-            raise ValueError(f"teacher_head must be [V_teacher, H_teacher], got shape {tuple(teacher_head.shape)}")
-        if not 0 < vocab_size <= teacher_head.shape[0]:
-            raise ValueError(
-                f"vocab_size ({vocab_size}) must be in [1, teacher head rows = {teacher_head.shape[0]}]: pass the "
-                "tokenizer's vocabulary size, and the teacher head that covers it"
-            )
-        if grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
+        loss = validate_student_args(
+            teacher_head=teacher_head,
+            vocab_size=vocab_size,
+            loss=loss,
+            mixed_precision=mixed_precision,
+            device=device,
+            grad_clip=grad_clip,
+        )
         if tensor_parallel_size < 1 or pipeline_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size ({tensor_parallel_size}) and pipeline_parallel_size "
@@ -153,7 +132,7 @@ class MegatronBackend:
         self.vocab_size = vocab_size
         self.loss_kwargs = loss
         self.lr = float(lr)
-        self.optim_kwargs = {"weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+        self.optim_kwargs = adam_kwargs(weight_decay=weight_decay, betas=betas, eps=eps)
         self.grad_clip = grad_clip
         self.lr_lambda = warmup_cosine_lambda(
             warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
@@ -162,7 +141,7 @@ class MegatronBackend:
         self.recompute_activations = recompute_activations or activation_checkpointing
         self.seed = seed
         self.device_type = device
-        self.teacher_head_dtype = _as_dtype(teacher_head_dtype, "teacher_head_dtype")
+        self.teacher_head_dtype = as_dtype(teacher_head_dtype, "teacher_head_dtype")
         self.tp_size = tensor_parallel_size
         self.pp_size = pipeline_parallel_size
         self.vpp_size = virtual_pipeline_parallel_size
@@ -418,24 +397,9 @@ class MegatronBackend:
             return ValueError("no micro-batches: every rank must run at least one micro-batch per step")
         if not self.consumes_teacher_outputs:
             return None
-        if len(micro_batches) != len(teacher_hidden):
-            return ValueError(
-                f"{len(micro_batches)} micro-batches but {len(teacher_hidden)} teacher hidden tensors: pass one "
-                "teacher output per micro-batch, in the same order"
-            )
-        hidden_size = self.stage_loss.teacher_head.shape[1]
-        for index, (micro_batch, hidden) in enumerate(zip(micro_batches, teacher_hidden)):
-            if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
-                return ValueError(
-                    f"teacher hidden of micro-batch {index} has shape {tuple(hidden.shape)}; expected "
-                    f"[num_loss_tokens, {hidden_size}] (the teacher head's hidden size)"
-                )
-            if hidden.shape[0] != micro_batch.num_loss_tokens:
-                return RuntimeError(
-                    f"teacher hidden of micro-batch {index} has {hidden.shape[0]} rows but the micro-batch has "
-                    f"{micro_batch.num_loss_tokens} loss tokens (loss_mask[:, 1:].sum()): the teacher output "
-                    "does not belong to this micro-batch"
-                )
+        error = teacher_hidden_error(micro_batches, teacher_hidden, self.stage_loss.teacher_head.shape[1])
+        if error is not None:
+            return error
         if self.pp_size > 1 and self.vpp_size is not None and len(micro_batches) < self.pp_size:
             return ValueError(
                 f"{len(micro_batches)} micro-batches per step but the interleaved pipeline schedule needs at least "
@@ -479,13 +443,7 @@ class MegatronBackend:
         representatives = [next(iter(counts)) for _, counts in sorted(per_dp.items())]
         total_loss_tokens = sum(counts[1] for counts in representatives)
         total_tokens = sum(counts[2] for counts in representatives)
-        if total_loss_tokens != global_num_loss_tokens:
-            raise ValueError(
-                f"global_num_loss_tokens={global_num_loss_tokens} but the micro-batches of all ranks hold "
-                f"{total_loss_tokens} loss tokens: pass StepLayout.global_num_loss_tokens of this step"
-            )
-        if total_loss_tokens == 0:
-            raise ValueError("the global batch has no loss tokens: every loss_mask is empty")
+        check_global_loss_tokens(total_loss_tokens, global_num_loss_tokens)
         return total_loss_tokens, total_tokens
 
     # ---------------------------------------------------------------- steps
@@ -588,11 +546,6 @@ class MegatronBackend:
                 sums += item["stats"].cpu()
         return sums
 
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.to(self.device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values.cpu()
-
     def _set_learning_rate(self) -> float:
         lr = self.lr * self.lr_lambda(self._step)
         for group in self.optimizer.param_groups:
@@ -615,16 +568,15 @@ class MegatronBackend:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = self._run_schedule(micro_batches, teacher_hidden, float(global_num_loss_tokens), forward_only=False)
-        kd_sum, ce_sum = self._all_reduce_sum(sums).tolist()
+        kd_sum, ce_sum = all_reduce_sum(sums, self.device).tolist()
         lr = self._set_learning_rate()
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise RuntimeError("the Megatron optimizer skipped the update (non-finite gradients)")
         self._step += 1
-        kd_ratio = self.loss_kwargs.get("kd_ratio", 1.0)
-        kd, ce = kd_sum / num_loss_tokens, ce_sum / num_loss_tokens
+        mean_loss, kd, ce = per_token_losses(self.loss_kwargs, kd_sum, ce_sum, num_loss_tokens)
         return StepMetrics(
-            loss=kd_ratio * kd + (1.0 - kd_ratio) * ce,
+            loss=mean_loss,
             kd=kd,
             ce=ce,
             grad_norm=float(grad_norm),
@@ -652,16 +604,8 @@ class MegatronBackend:
         )
         for chunk in self.chunks:
             chunk.train()
-        kd_sum, ce_sum, kl_sum = self._all_reduce_sum(sums).tolist()
-        kd_ratio = self.loss_kwargs.get("kd_ratio", 1.0)
-        kd, ce = kd_sum / num_loss_tokens, ce_sum / num_loss_tokens
-        return {
-            "kl": kl_sum / num_loss_tokens,
-            "loss": kd_ratio * kd + (1.0 - kd_ratio) * ce,
-            "kd": kd,
-            "ce": ce,
-            "num_loss_tokens": num_loss_tokens,
-        }
+        kd_sum, ce_sum, kl_sum = all_reduce_sum(sums, self.device).tolist()
+        return eval_metrics(self.loss_kwargs, kd_sum, ce_sum, kl_sum, num_loss_tokens)
 
     # ---------------------------------------------------------------- checkpoints
 
