@@ -14,7 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-MIXED_PRECISION = ("none", "bf16")
+from kdscale.student.common import MIXED_PRECISION
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
