@@ -49,6 +49,8 @@ def train(cfg: KDConfig) -> RunSummary:
         raise ConfigError("(cross-checks)", problems)
     run_dir = Path(cfg.run_dir)
     resume_from = _resume_point(cfg, run_dir)
+    if resume_from is not None:
+        _check_resumable(cfg, run_checkpoints.read_state(resume_from), resume_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomically(run_dir / "config.yaml", dump_config(cfg))
 
@@ -141,6 +143,18 @@ def _resume_point(cfg: KDConfig, run_dir: Path) -> Path | None:
              "run.name / run.output_dir, delete the directory, or set run.resume=auto to continue it"],
         )
     return latest
+
+
+def _check_resumable(cfg: KDConfig, state: dict, checkpoint: Path) -> None:
+    """A checkpoint resumes only into the student backend that wrote it (their shard formats differ)."""
+    written_by = state.get("student_backend")
+    if written_by is not None and written_by != cfg.student.backend:
+        raise ConfigError(
+            "(resume)",
+            [f"{checkpoint} was written by the {written_by!r} student backend but this run uses "
+             f"{cfg.student.backend!r}: use another run.name (or run.output_dir) for a fresh run, or "
+             f"student.backend={written_by} to continue it"],
+        )
 
 
 def _load_datasets(cfg: KDConfig, models: PreparedModels) -> tuple[list, list]:
@@ -301,7 +315,8 @@ def _evaluate(students: list, layout: StepLayout, refs: list[list], step: int, m
 def _save(cfg: KDConfig, run_dir: Path, students: list, step: int, sampler) -> None:
     tmp = run_checkpoints.begin(run_dir, step)
     ray.get([s.save.remote(str(tmp)) for _, _, s in students], timeout=cfg.ray.timeout_s)
-    final = run_checkpoints.commit(run_dir, tmp, step, {"sampler": sampler.state_dict()}, keep=cfg.run.keep_checkpoints)
+    state = {"sampler": sampler.state_dict(), "student_backend": cfg.student.backend}
+    final = run_checkpoints.commit(run_dir, tmp, step, state, keep=cfg.run.keep_checkpoints)
     get_logger().info(f"checkpoint saved: {final}")
 
 

@@ -101,6 +101,19 @@ def test_resume_never_refuses_a_used_run_dir(tmp_path, tiny_pair, tiny_data, cap
     assert "run.resume=never" in err and "step_000002" in err
 
 
+def test_resume_refuses_a_checkpoint_of_the_other_backend(tmp_path, tiny_pair, tiny_data, capsys):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"step": 2, "student_backend": "fsdp2", "sampler": {}}')
+    config = tmp_path / "c.yaml"
+    config.write_text("{}")
+    args = [a for a in _overrides(tmp_path, tiny_pair, tiny_data)
+            if not a.startswith(("student.num_ranks", "student.attn_implementation"))]
+    assert main(["train", str(config), *args, "student.backend=megatron"]) == 2
+    err = capsys.readouterr().err
+    assert "written by the 'fsdp2' student backend" in err and "run.name" in err and "Traceback" not in err
+
+
 def test_malformed_data_file_stops_with_line_numbers(tmp_path, tiny_pair, tiny_data, capsys):
     bad = tmp_path / "bad.jsonl"
     lines = Path(tiny_data[0]).read_text().splitlines()
