@@ -55,6 +55,11 @@ class ConversionError(ValueError):
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_parallel_size: int = 1) -> int:
     """Megatron's padded vocabulary: ``vocab_size`` rounded up to a multiple of ``divisible_by * TP``."""
+    if vocab_size < 1 or make_vocab_size_divisible_by < 1 or tensor_parallel_size < 1:
+        raise ValueError(
+            f"vocab_size ({vocab_size}), make_vocab_size_divisible_by ({make_vocab_size_divisible_by}) and "
+            f"tensor_parallel_size ({tensor_parallel_size}) must all be >= 1"
+        )
     multiple = make_vocab_size_divisible_by * tensor_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)
 

@@ -49,12 +49,13 @@ Note for the checkpoint converter: parameter names
 from __future__ import annotations
 
 import importlib.util
-import math
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from kdscale.checkpoint.convert.mapping import padded_vocab_size  # one definition, shared with the converter
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -230,17 +231,6 @@ def transformer_config_from_hf(
             torch.bfloat16 if kwargs["bf16"] else torch.float16 if kwargs["fp16"] else kwargs["params_dtype"]
         )
     return TransformerConfig(**kwargs)
-
-
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1) -> int:
-    """Megatron's padded vocabulary: ``vocab_size`` rounded up to a multiple of ``make_vocab_size_divisible_by * tp``."""
-    if vocab_size < 1 or make_vocab_size_divisible_by < 1 or tp < 1:
-        raise ValueError(
-            f"vocab_size ({vocab_size}), make_vocab_size_divisible_by ({make_vocab_size_divisible_by}) and tp ({tp}) "
-            "must all be >= 1"
-        )
-    multiple = make_vocab_size_divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def _rope_kwargs(hf_config: dict[str, Any]) -> dict[str, Any]:
