@@ -4,12 +4,9 @@ into one clear message and exit code 2 (no traceback)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# kdscale raises user errors (config, data, model paths, checkpoints) as ValueError subclasses with a message that
-# names the problem and the fix. KDSCALE_DEBUG=1 shows the traceback as well.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+from kdscale.cli_errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,17 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "convert":
         return cmd_convert(args.direction, args.args)
-    commands = {"train": cmd_train, "validate": cmd_validate}
-    try:
-        return commands[args.command](args.config, args.overrides)
-    except USER_ERRORS as exc:
-        if os.environ.get("KDSCALE_DEBUG"):
-            raise
-        print(f"kdscale {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"kdscale {args.command}: interrupted", file=sys.stderr)
-        return 130
+    command = {"train": cmd_train, "validate": cmd_validate}[args.command]
+    return run_cli(f"kdscale {args.command}", lambda: command(args.config, args.overrides))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kdscale import cli_errors
 from kdscale.checkpoint import hf_io
-from kdscale.checkpoint.convert import cli_common
 from kdscale.checkpoint.convert.families import get_mapping_table
 from kdscale.checkpoint.convert.formats import MODEL_SUBDIR, dtype_from_name, write_convert_metadata, write_torch_dist
 from kdscale.checkpoint.convert.mapping import ConversionError, ModelDims
@@ -179,4 +179,4 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote {out}")
 
-    return cli_common.run_cli("hf_to_mcore", run)
+    return cli_errors.run_cli("hf_to_mcore", run)

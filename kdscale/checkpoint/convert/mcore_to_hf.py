@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kdscale import cli_errors
 from kdscale.checkpoint import hf_io
-from kdscale.checkpoint.convert import cli_common
 from kdscale.checkpoint.convert.families import get_mapping_table
 from kdscale.checkpoint.convert.formats import (
     dtype_from_name,
@@ -151,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote {out}")
 
-    return cli_common.run_cli("mcore_to_hf", run)
+    return cli_errors.run_cli("mcore_to_hf", run)

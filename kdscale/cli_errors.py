@@ -1,4 +1,7 @@
-"""Shared CLI plumbing for the converters: user errors become one message and exit code 2 (no traceback)."""
+"""How every kdscale command line reports errors: user errors become one message and exit code 2 (no traceback).
+
+kdscale raises user errors (config, data, model paths, checkpoints, conversion) as ValueError subclasses with a
+message that names the problem and the fix. KDSCALE_DEBUG=1 shows the traceback as well."""
 
 from __future__ import annotations
 
@@ -6,11 +9,10 @@ import os
 import sys
 from collections.abc import Callable
 
-# The same contract as kdscale.cli: user errors are ValueError / FileNotFoundError subclasses with a clear message.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
-def run_cli(prog: str, fn: Callable[[], None]) -> int:
+def run_cli(prog: str, fn: Callable[[], object]) -> int:
     """Run ``fn``; print ``<prog>: error: <message>`` and return 2 on a user error (KDSCALE_DEBUG=1 re-raises)."""
     try:
         fn()
