@@ -6,6 +6,20 @@ Conventions (the whole system relies on them):
   ``loss_mask[:, 1:]`` applied to positions ``[:, :-1]``; ``hidden[:, :-1][loss_mask[:, 1:]]`` gives the
   ``[num_loss_tokens, H]`` rows in row-major (sample, position) order, and ``input_ids[:, 1:][loss_mask[:, 1:]]``
   the matching labels. Teacher and student both use :func:`gather_prediction_rows`, so their rows line up.
+
+Two layouts of a micro-batch:
+- *Padded* (``position_ids is None``): one sample per row, right-padded (``attention_mask`` 1 on the sample's
+  tokens, 0 on the padding). Position ids are the default ``0 .. L - 1``.
+- *Packed* (``position_ids`` set, :attr:`MicroBatch.is_packed`): samples end to end in one row (``B == 1`` as
+  :func:`~kdscale.data.layout.build_step_layout` makes them), no padding between them. ``position_ids`` restart
+  at 0 at the first token of every sample and attention must stay within each sample: a model derives the
+  samples from the restarts of ``position_ids`` (:func:`sample_spans`). ``attention_mask`` is 1 on the samples'
+  tokens; a pad tail (e.g. for ``pad_to_multiple_of``) has ``attention_mask`` 0 and position ids that restart at 0
+  too, so it is one more segment that no real token attends to. ``loss_mask`` is False at the FIRST token of every
+  sample: the padded layout never predicts a sample's first token either (there is no position before it), and in
+  a packed row the position before it belongs to the previous sample.
+  With that rule :func:`gather_prediction_rows` and :func:`gather_labels` return, for a packed micro-batch, exactly
+  the rows and labels of the same samples laid out padded in the same order, and ``num_loss_tokens`` is the same.
 """
 
 from __future__ import annotations
@@ -17,12 +31,25 @@ import torch
 
 @dataclass
 class MicroBatch:
-    """Right-padded token ids of a few samples, with the mask of target tokens."""
+    """Token ids of a few samples (right-padded rows, or packed end to end), with the mask of target tokens."""
 
     input_ids: torch.Tensor  # [B, L] int64, right-padded with pad_token_id
     attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
     loss_mask: torch.Tensor  # [B, L] bool, True on target tokens (response + EOS)
     sample_ids: list[int] = field(default_factory=list)  # dataset row ids, for accounting and resume checks
+    position_ids: torch.Tensor | None = None  # [B, L] int64, restarting at 0 per sample; set only when packed
+
+    def __post_init__(self) -> None:
+        if self.position_ids is not None and self.position_ids.shape != self.input_ids.shape:
+            raise ValueError(
+                f"position_ids has shape {tuple(self.position_ids.shape)} but input_ids {tuple(self.input_ids.shape)}"
+                ": a packed micro-batch needs one position id per token"
+            )
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether samples are packed end to end (attention must stay within each sample: see the module doc)."""
+        return self.position_ids is not None
 
     @property
     def num_loss_tokens(self) -> int:
@@ -48,6 +75,34 @@ def gather_prediction_rows(hidden: torch.Tensor, loss_mask: torch.Tensor) -> tor
 def gather_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Target token ids aligned with :func:`gather_prediction_rows`: [num_loss_tokens]."""
     return input_ids[:, 1:][prediction_mask(loss_mask)]
+
+
+def sample_spans(micro_batch: MicroBatch) -> list[tuple[int, int, int]]:
+    """``(row, start, stop)`` of every sample (real tokens only), in the order of the prediction rows.
+
+    Padded: one span per row with real tokens, ``(b, 0, attention_mask[b].sum())``. Packed: a sample starts where
+    ``position_ids`` is 0 on a real token and ends where the next starts or the real tokens end. The prediction
+    rows of the span ``(b, start, stop)`` are those of ``loss_mask[b, start + 1 : stop]``, contiguous and in order.
+    """
+    lengths = micro_batch.attention_mask.sum(dim=1).tolist()
+    if not micro_batch.is_packed:
+        return [(row, 0, int(length)) for row, length in enumerate(lengths) if length > 0]
+    spans = []
+    for row, length in enumerate(lengths):
+        starts = (micro_batch.position_ids[row, : int(length)] == 0).nonzero().flatten().tolist()
+        spans += [(row, start, stop) for start, stop in zip(starts, [*starts[1:], int(length)])]
+    return spans
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention within the segments that ``position_ids`` [B, L] delimit by restarting at 0.
+
+    Returns a [B, L, L] bool tensor, True where query ``q`` may attend key ``k`` (same segment and ``k <= q``).
+    """
+    segment = (position_ids == 0).cumsum(dim=1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return (segment[:, :, None] == segment[:, None, :]) & causal
 
 
 @dataclass

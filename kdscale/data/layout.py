@@ -3,8 +3,12 @@
 Design:
 - Ranks are balanced by tokens: samples go longest first onto the least-loaded rank (ties: fewer samples, then
   lowest rank), so the token counts of any two ranks differ by at most the longest sample. Every rank gets at least one sample.
-- Within a rank, samples sorted longest first are packed into right-padded micro-batches whose padded size
+- Within a rank, samples sorted longest first are grouped into right-padded micro-batches whose padded size
   ``B * L`` stays within ``max_tokens_per_micro_batch`` (a sample longer than that is alone in its micro-batch).
+- With ``packing=True`` a micro-batch is instead one row of samples end to end (:mod:`kdscale.data.batch` describes
+  the packed layout): its budget is the SUM of its samples' tokens (rounded up to ``pad_to_multiple_of``), and
+  samples, taken longest first, go into the first micro-batch with room (first-fit decreasing). Inside a
+  micro-batch samples stay in that order (longest first, ties by sample id), in both layouts.
 - Every rank runs the SAME number of micro-batches (FSDP and Megatron need all data-parallel ranks to run the
   same number of forward/backward passes). A rank with fewer splits its micro-batch with the most samples in two
   (repeatedly); if it has no micro-batch left to split, it gets filler micro-batches: one pad token, attended
@@ -48,6 +52,34 @@ def make_micro_batch(
     return MicroBatch(input_ids, attention_mask, loss_mask, sample_ids=[s.sample_id for s in samples])
 
 
+def make_packed_micro_batch(
+    samples: Sequence[TokenizedSample], *, pad_token_id: int, pad_to_multiple_of: int = 1
+) -> MicroBatch:
+    """Samples end to end in one row, position ids restarting per sample, the first token of each not a target.
+
+    The row is right-padded to a multiple of ``pad_to_multiple_of``; the pad tail is not attended and its position
+    ids restart at 0 (see :mod:`kdscale.data.batch`).
+    """
+    num_tokens = sum(len(s) for s in samples)
+    length = _round_up(num_tokens, pad_to_multiple_of)
+    input_ids = torch.full((1, length), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((1, length), dtype=torch.int64)
+    loss_mask = torch.zeros((1, length), dtype=torch.bool)
+    position_ids = torch.zeros((1, length), dtype=torch.int64)
+    start = 0
+    for sample in samples:
+        stop = start + len(sample)
+        input_ids[0, start:stop] = torch.from_numpy(sample.input_ids.astype(np.int64))
+        attention_mask[0, start:stop] = 1
+        loss_mask[0, start + 1 : stop] = torch.from_numpy(sample.loss_mask[1:])
+        position_ids[0, start:stop] = torch.arange(len(sample))
+        start = stop
+    position_ids[0, start:] = torch.arange(length - start)
+    return MicroBatch(
+        input_ids, attention_mask, loss_mask, sample_ids=[s.sample_id for s in samples], position_ids=position_ids
+    )
+
+
 def make_filler_micro_batch(*, pad_token_id: int, pad_to_multiple_of: int = 1) -> MicroBatch:
     """A micro-batch without samples or targets ([1, pad_to_multiple_of] attended pad tokens, no loss)."""
     length = pad_to_multiple_of
@@ -73,8 +105,8 @@ def balance_ranks(samples: Sequence[TokenizedSample], dp_size: int) -> list[list
     return shards
 
 
-def _pack(samples: list[TokenizedSample], max_tokens: int, multiple: int) -> list[list[TokenizedSample]]:
-    """Greedy packing of samples (already sorted longest first) into groups with padded B * L <= max_tokens."""
+def _group_padded(samples: list[TokenizedSample], max_tokens: int, multiple: int) -> list[list[TokenizedSample]]:
+    """Greedy grouping of samples (already sorted longest first) into groups with padded B * L <= max_tokens."""
     groups: list[list[TokenizedSample]] = []
     for sample in samples:
         if groups:
@@ -84,6 +116,22 @@ def _pack(samples: list[TokenizedSample], max_tokens: int, multiple: int) -> lis
                 group.append(sample)
                 continue
         groups.append([sample])
+    return groups
+
+
+def _group_packed(samples: list[TokenizedSample], max_tokens: int, multiple: int) -> list[list[TokenizedSample]]:
+    """First-fit decreasing (samples already sorted longest first) into groups of at most ``max_tokens`` tokens."""
+    groups: list[list[TokenizedSample]] = []
+    sizes: list[int] = []
+    for sample in samples:
+        for index, size in enumerate(sizes):
+            if _round_up(size + len(sample), multiple) <= max_tokens:
+                groups[index].append(sample)
+                sizes[index] += len(sample)
+                break
+        else:
+            groups.append([sample])
+            sizes.append(len(sample))
     return groups
 
 
@@ -107,18 +155,21 @@ def build_step_layout(
     step: int = 0,
     epoch: int = 0,
     pad_to_multiple_of: int = 1,
+    packing: bool = False,
 ) -> StepLayout:
     """Lay a global batch out per data-parallel rank (see the module docstring for the scheme).
 
     Args:
         samples: the step's samples (at least ``dp_size``).
         dp_size: number of student data-parallel ranks.
-        max_tokens_per_micro_batch: bound on the padded size ``B * L`` of a micro-batch (except a single sample
-            longer than it, which is alone in its micro-batch).
+        max_tokens_per_micro_batch: bound on the padded size ``B * L`` of a micro-batch, or with ``packing`` on
+            the sum of its samples' tokens (rounded up to ``pad_to_multiple_of``); a single sample longer than it
+            is alone in its micro-batch.
         pad_token_id: the id that right-pads input_ids (any id works: padding is masked out).
         step, epoch: recorded in the layout.
         pad_to_multiple_of: round each micro-batch's L up to a multiple of this (e.g. the TP size under sequence
             parallelism); counted in ``B * L``.
+        packing: lay each micro-batch out packed (one row, samples end to end) instead of right-padded.
     """
     if dp_size < 1:
         raise ValueError(f"dp_size must be >= 1, got {dp_size}")
@@ -133,16 +184,16 @@ def build_step_layout(
         )
     shards = balance_ranks(samples, dp_size)
     assert all(shards), "with at least dp_size samples, every rank gets one"
-    groups = [_pack(shard, max_tokens_per_micro_batch, pad_to_multiple_of) for shard in shards]
+    group = _group_packed if packing else _group_padded
+    make = make_packed_micro_batch if packing else make_micro_batch
+    groups = [group(shard, max_tokens_per_micro_batch, pad_to_multiple_of) for shard in shards]
     num_micro_batches = max(len(g) for g in groups)
     for rank_groups in groups:
         while len(rank_groups) < num_micro_batches and _split_largest(rank_groups):
             pass
     layout: list[list[MicroBatch]] = []
     for rank_groups in groups:
-        micro_batches = [
-            make_micro_batch(g, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of) for g in rank_groups
-        ]
+        micro_batches = [make(g, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of) for g in rank_groups]
         while len(micro_batches) < num_micro_batches:
             micro_batches.append(
                 make_filler_micro_batch(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)

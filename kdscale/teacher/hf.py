@@ -9,6 +9,12 @@ Design:
   position ids are right and each sample's hidden states equal running it alone (tested).
 - ``max_tokens_per_forward`` splits a micro-batch into consecutive row groups (each trimmed to its longest row),
   bounding activation memory; rows stay in (sample, position) order, as ``gather_prediction_rows`` defines.
+- Packed micro-batches (:mod:`kdscale.data.batch`) run packed, with their restarting ``position_ids`` and no
+  attention mask: transformers then keeps attention within each sample (as in the FSDP2 student). Running them
+  packed, rather than unpacking them into a padded batch, keeps the teacher forward (usually the most expensive
+  one) free of padding too, and is no more code: ``max_tokens_per_forward`` splits a packed row at sample
+  boundaries into pieces of whole samples, and since no sample's first token is a target, the rows of the pieces
+  concatenated are the rows of the whole row.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from kdscale.checkpoint.hf_io import (
     read_model_config,
     resolve_model_path,
 )
-from kdscale.data.batch import MicroBatch, gather_prediction_rows
+from kdscale.data.batch import MicroBatch, gather_prediction_rows, sample_spans
 from kdscale.teacher.base import _TRANSPORT_DTYPES, TeacherOutput
 
 logger = logging.getLogger(__name__)
@@ -131,6 +137,20 @@ class HFTeacherEngine:
         expected = micro_batch.num_loss_tokens
         if expected == 0:  # e.g. a filler micro-batch: nothing to predict, no forward needed
             return TeacherOutput.from_tensor(torch.empty(0, self._hidden_size), self.transport_dtype)
+        if micro_batch.is_packed:
+            rows = self._forward_packed(micro_batch, input_ids, loss_mask)
+        else:
+            rows = self._forward_padded(input_ids, attention_mask, loss_mask)
+        if rows.shape[0] != expected or rows.shape[1] != self._hidden_size:
+            raise RuntimeError(
+                f"hf teacher returned {rows.shape[0]} rows of size {rows.shape[1]} but the loss mask has {expected} "
+                f"prediction positions of hidden size {self._hidden_size}"
+            )
+        return TeacherOutput.from_tensor(rows, self.transport_dtype)
+
+    def _forward_padded(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> torch.Tensor:
         pieces = []
         with torch.inference_mode():
             for start, stop in _row_groups(attention_mask, loss_mask, self.max_tokens_per_forward):
@@ -142,13 +162,27 @@ class HFTeacherEngine:
                 out = self._base(input_ids=ids, attention_mask=mask, use_cache=False)
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
                 pieces.append(gather_prediction_rows(hidden, loss_mask[start:stop, :group_len].to(self.device)))
-        rows = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        if rows.shape[0] != expected or rows.shape[1] != self._hidden_size:
-            raise RuntimeError(
-                f"hf teacher returned {rows.shape[0]} rows of size {rows.shape[1]} but the loss mask has {expected} "
-                f"prediction positions of hidden size {self._hidden_size}"
-            )
-        return TeacherOutput.from_tensor(rows, self.transport_dtype)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _forward_packed(
+        self, micro_batch: MicroBatch, input_ids: torch.Tensor, loss_mask: torch.Tensor
+    ) -> torch.Tensor:
+        _require_packed_sequence_support()
+        position_ids = micro_batch.position_ids.to(torch.long)
+        pieces = []
+        with torch.inference_mode():
+            for row, start, stop in _packed_pieces(sample_spans(micro_batch), self.max_tokens_per_forward):
+                piece_loss_mask = loss_mask[row : row + 1, start:stop].to(self.device)
+                if not bool(piece_loss_mask[:, 1:].any()):
+                    continue  # no prediction position in these samples
+                out = self._base(
+                    input_ids=input_ids[row : row + 1, start:stop].to(self.device),
+                    position_ids=position_ids[row : row + 1, start:stop].to(self.device),
+                    use_cache=False,  # transformers skips packed-sequence detection when a cache exists
+                )
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                pieces.append(gather_prediction_rows(hidden, piece_loss_mask))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def shutdown(self) -> None:
         """Release the model (idempotent)."""
@@ -180,6 +214,36 @@ def _used_length(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> int:
     """Columns up to the last real token (right padding beyond it is cut: it changes no real token's state)."""
     used = (attention_mask.bool() | loss_mask).any(dim=0).nonzero()
     return int(used[-1]) + 1 if used.numel() else 1
+
+
+def _packed_pieces(spans: list[tuple[int, int, int]], max_tokens: int | None) -> list[tuple[int, int, int]]:
+    """``(row, start, stop)`` pieces of consecutive whole samples of one row, each within ``max_tokens`` tokens.
+
+    A sample longer than ``max_tokens`` is a piece of its own; without ``max_tokens`` a piece is a whole row's
+    samples (the pad tail is cut).
+    """
+    pieces: list[tuple[int, int, int]] = []
+    for row, start, stop in spans:
+        if pieces:
+            last_row, last_start, _ = pieces[-1]
+            if last_row == row and (max_tokens is None or stop - last_start <= max_tokens):
+                pieces[-1] = (row, last_start, stop)
+                continue
+        pieces.append((row, start, stop))
+    return pieces
+
+
+def _require_packed_sequence_support() -> None:
+    """Raise unless this transformers builds block-diagonal masks from restarting position ids."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        import transformers
+
+        raise ValueError(
+            f"packed micro-batches need transformers >= 4.54 (attention within each packed sample); this is "
+            f"transformers {transformers.__version__}: upgrade it or set data.packing: false"
+        ) from None
 
 
 def _row_groups(attention_mask: torch.Tensor, loss_mask: torch.Tensor, max_tokens: int | None) -> list[tuple[int, int]]:

@@ -15,10 +15,13 @@ from kdscale.data import (
     TokenizedSample,
     build_step_layout,
     gather_labels,
+    gather_prediction_rows,
     load_jsonl_dataset,
     make_micro_batch,
+    make_packed_micro_batch,
     read_jsonl,
     rows_from_records,
+    sample_spans,
     tokenize_rows,
 )
 from tests.fixtures import make_tiny_tokenizer
@@ -353,6 +356,122 @@ def test_micro_batch_labels_follow_the_batch_convention(tok):
     expected = np.concatenate([s.input_ids[1:][s.loss_mask[1:]] for s in samples])
     assert labels.dtype == torch.int64 and labels.tolist() == expected.tolist()
     assert mb.num_loss_tokens == len(expected)
+
+
+# ----------------------------------------------------------------------------------------------- packed layout
+
+
+def _check_packed_layout(layout, samples, max_tokens, multiple=1, pad_id=0):
+    by_id = {s.sample_id: s for s in samples}
+    seen = [i for shard in layout.shards for mb in shard for i in mb.sample_ids]
+    assert sorted(seen) == sorted(by_id)  # every sample exactly once
+    assert len({len(shard) for shard in layout.shards}) == 1  # same number of micro-batches on every rank
+    for shard in layout.shards:
+        for mb in shard:
+            if not mb.sample_ids:  # a filler: the same in both layouts
+                assert not mb.is_packed and mb.num_loss_tokens == 0
+                continue
+            assert mb.is_packed and mb.input_ids.shape[0] == 1
+            members = [by_id[i] for i in mb.sample_ids]
+            assert [len(s) for s in members] == sorted((len(s) for s in members), reverse=True)  # longest first
+            num_tokens = sum(len(s) for s in members)
+            length = mb.input_ids.shape[1]
+            assert length % multiple == 0 and length - multiple < num_tokens <= length
+            assert length <= max_tokens or len(members) == 1  # the token budget (a longer sample alone)
+            assert mb.num_tokens == num_tokens
+            start = 0
+            for sample in members:
+                stop = start + len(sample)
+                assert mb.input_ids[0, start:stop].tolist() == sample.input_ids.tolist()
+                assert mb.position_ids[0, start:stop].tolist() == list(range(len(sample)))  # restart per sample
+                assert not mb.loss_mask[0, start]  # a sample's first token is never a target
+                assert mb.loss_mask[0, start + 1 : stop].tolist() == sample.loss_mask[1:].tolist()
+                assert mb.attention_mask[0, start:stop].all()
+                start = stop
+            assert sample_spans(mb) == [
+                (0, s, s + len(x)) for s, x in zip(np.cumsum([0] + [len(x) for x in members]), members)
+            ]
+            # the pad tail: not attended, no target, pad ids, its own segment of position ids
+            assert not mb.attention_mask[0, start:].any() and not mb.loss_mask[0, start:].any()
+            assert (mb.input_ids[0, start:] == pad_id).all()
+            assert mb.position_ids[0, start:].tolist() == list(range(length - start))
+    assert layout.global_num_loss_tokens == sum(s.num_loss_tokens for s in samples)
+    assert layout.global_num_loss_tokens == sum(mb.num_loss_tokens for shard in layout.shards for mb in shard)
+
+
+@pytest.mark.parametrize("dp_size,max_tokens,multiple", [(1, 256, 1), (2, 100, 1), (3, 64, 8), (4, 40, 1), (8, 30, 4)])
+def test_packed_layout_invariants(dp_size, max_tokens, multiple):
+    samples = _synthetic_samples(37, seed=dp_size)
+    kwargs = {"dp_size": dp_size, "max_tokens_per_micro_batch": max_tokens, "pad_token_id": 0}
+    layout = build_step_layout(samples, **kwargs, pad_to_multiple_of=multiple, packing=True, step=3, epoch=2)
+    assert layout.step == 3 and layout.epoch == 2
+    _check_packed_layout(layout, samples, max_tokens, multiple)
+    again = build_step_layout(list(reversed(samples)), **kwargs, pad_to_multiple_of=multiple, packing=True)
+    for shard, other in zip(layout.shards, again.shards):  # deterministic, whatever the input order
+        for mb, mb_again in zip(shard, other, strict=True):
+            assert mb.sample_ids == mb_again.sample_ids and torch.equal(mb.input_ids, mb_again.input_ids)
+            assert torch.equal(mb.position_ids, mb_again.position_ids) if mb.is_packed else not mb_again.is_packed
+    # Ranks hold the same samples as in the padded layout (same balancing), in no more micro-batches.
+    padded = build_step_layout(samples, **kwargs, pad_to_multiple_of=multiple)
+    for shard, padded_shard in zip(layout.shards, padded.shards):
+        assert sorted(i for mb in shard for i in mb.sample_ids) == sorted(
+            i for mb in padded_shard for i in mb.sample_ids
+        )
+    assert len(layout.shards[0]) <= len(padded.shards[0])
+
+
+def test_packed_layout_equalizes_micro_batch_counts_by_splitting_then_filler():
+    samples = _synthetic_samples(9, seed=1, max_len=20)
+    huge = TokenizedSample(99, np.arange(500, dtype=np.int32) % 200, np.arange(500) >= 100)
+    layout = build_step_layout([huge, *samples], dp_size=2, max_tokens_per_micro_batch=60, pad_token_id=3, packing=True)
+    assert layout.shards[0][0].sample_ids == [99] and layout.shards[0][0].input_ids.shape == (1, 500)
+    assert len(layout.shards[0]) == len(layout.shards[1])
+    fillers = layout.shards[0][1:]
+    assert fillers and all(mb.input_ids.tolist() == [[3]] and mb.sample_ids == [] for mb in fillers)
+    _check_packed_layout(layout, [huge, *samples], 60, pad_id=3)
+
+    # rank 1 packs its six small samples into one micro-batch, rank 0 needs two: rank 1 splits instead of fillers
+    small = [TokenizedSample(i, np.ones(10, dtype=np.int32), np.arange(10) >= 5) for i in range(6)]
+    big = [TokenizedSample(10 + i, np.ones(30, dtype=np.int32), np.arange(30) >= 5) for i in range(3)]
+    layout = build_step_layout(big + small, dp_size=2, max_tokens_per_micro_batch=60, pad_token_id=0, packing=True)
+    assert [len(shard) for shard in layout.shards] == [2, 2]
+    assert all(mb.sample_ids for shard in layout.shards for mb in shard)
+    _check_packed_layout(layout, big + small, 60)
+
+
+def test_packed_rows_and_labels_equal_padded_ones(tok):
+    samples, _ = tokenize_rows(_rows(PR_ROW, MSG_ROW, PR_ROW), tok, max_seq_len=512)
+    samples += _synthetic_samples(5, seed=4)
+    samples[-1].loss_mask[0] = True  # a target on a first token: never predicted, in either layout
+    padded = make_micro_batch(samples, pad_token_id=tok.pad_token_id)
+    packed = make_packed_micro_batch(samples, pad_token_id=tok.pad_token_id, pad_to_multiple_of=16)
+    assert packed.is_packed and not padded.is_packed and packed.sample_ids == padded.sample_ids
+    assert packed.num_loss_tokens == padded.num_loss_tokens == sum(s.num_loss_tokens for s in samples)
+    assert packed.num_tokens == padded.num_tokens
+    assert torch.equal(
+        gather_labels(packed.input_ids, packed.loss_mask), gather_labels(padded.input_ids, padded.loss_mask)
+    )
+
+    # A "hidden state" that names its token and its position within its sample: the rows must name the same ones.
+    def fake_hidden(mb):
+        positions = mb.position_ids if mb.is_packed else torch.arange(mb.input_ids.shape[1]).expand_as(mb.input_ids)
+        return torch.stack([mb.input_ids, positions], dim=-1)
+
+    packed_rows = gather_prediction_rows(fake_hidden(packed), packed.loss_mask)
+    padded_rows = gather_prediction_rows(fake_hidden(padded), padded.loss_mask)
+    assert torch.equal(packed_rows, padded_rows)
+
+    # Per-sample row counts from the spans, in the same order in both layouts.
+    def rows_per_sample(mb):
+        return [int(mb.loss_mask[row, start + 1 : stop].sum()) for row, start, stop in sample_spans(mb)]
+
+    assert rows_per_sample(packed) == rows_per_sample(padded) == [s.num_loss_tokens for s in samples]
+
+
+def test_packed_micro_batch_checks_position_ids_shape():
+    mb = make_packed_micro_batch(_synthetic_samples(2), pad_token_id=0)
+    with pytest.raises(ValueError, match="position_ids"):
+        type(mb)(mb.input_ids, mb.attention_mask, mb.loss_mask, position_ids=mb.position_ids[:, 1:])
 
 
 # ----------------------------------------------------------------------------------------------- sampler

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from kdscale.checkpoint.hf_io import ModelPathError, materialize_hf_dir, read_output_head
+from kdscale.data import TokenizedSample, make_packed_micro_batch, sample_spans
 from kdscale.data.batch import MicroBatch, gather_prediction_rows
+from kdscale.data.layout import make_micro_batch as make_padded_micro_batch
 from kdscale.teacher import build_teacher_engine
 from kdscale.teacher import hf as hf_engine
-from kdscale.teacher.hf import HFTeacherEngine, _row_groups
+from kdscale.teacher.hf import HFTeacherEngine, _packed_pieces, _row_groups
 from tests.fixtures import make_tiny_llama, make_tiny_tokenizer
 
 TEXTS = [
@@ -143,6 +145,48 @@ def test_row_groups():
     assert _row_groups(mask, loss, 6) == [(0, 2), (2, 3), (3, 4)]
     assert _row_groups(mask, loss, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # a row longer than the budget: alone
     assert _row_groups(mask, loss, 100) == [(0, 4)]
+
+
+def _packed_and_padded(tokenizer, extra: int = 0):
+    """The TEXTS (plus ``extra`` synthetic samples) as one packed micro-batch (with a pad tail) and one padded one."""
+    token_lists = [tokenizer.encode(text) for text in TEXTS] + [list(range(5, 5 + n)) for n in range(3, 3 + extra)]
+    samples = [
+        TokenizedSample(i, np.array(tokens, dtype=np.int32), np.arange(len(tokens)) >= max(1, int(len(tokens) * 0.4)))
+        for i, tokens in enumerate(token_lists)
+    ]
+    packed = make_packed_micro_batch(samples, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=16)
+    return packed, make_padded_micro_batch(samples, pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_rows_equal_padded_rows(model_dir, tokenizer, attn_implementation):
+    packed, padded = _packed_and_padded(tokenizer, extra=3)
+    assert packed.is_packed and packed.input_ids.shape[0] == 1 and packed.num_tokens < packed.input_ids.shape[1]
+    engine = HFTeacherEngine(model_path=model_dir, transport_dtype="float32", attn_implementation=attn_implementation)
+    split = HFTeacherEngine(
+        model_path=model_dir,
+        transport_dtype="float32",
+        attn_implementation=attn_implementation,
+        max_tokens_per_forward=24,
+    )
+    engine.start()
+    split.start()
+    expected = engine.forward(padded).as_tensor()
+    assert expected.shape[0] == padded.num_loss_tokens == packed.num_loss_tokens
+    torch.testing.assert_close(engine.forward(packed).as_tensor(), expected, rtol=1e-5, atol=1e-5)
+    # max_tokens_per_forward splits the packed row at sample boundaries: the same rows
+    assert len(_packed_pieces(sample_spans(packed), 24)) > 2
+    torch.testing.assert_close(split.forward(packed).as_tensor(), expected, rtol=1e-5, atol=1e-5)
+    engine.shutdown()
+    split.shutdown()
+
+
+def test_packed_pieces():
+    spans = [(0, 0, 10), (0, 10, 14), (0, 14, 40), (0, 40, 45), (0, 45, 47)]
+    assert _packed_pieces(spans, None) == [(0, 0, 47)]
+    assert _packed_pieces(spans, 14) == [(0, 0, 14), (0, 14, 40), (0, 40, 47)]  # a longer sample alone
+    assert _packed_pieces(spans, 1000) == [(0, 0, 47)]
+    assert _packed_pieces([(0, 0, 3), (1, 0, 2), (1, 2, 4)], None) == [(0, 0, 3), (1, 0, 4)]  # never across rows
 
 
 def test_bf16_transport_round_trip(model_dir, engine, batch):

@@ -237,6 +237,7 @@ class FSDP2Backend:
             self.teacher_head,
             normalizer,
             with_forward_kl,
+            None if micro_batch.position_ids is None else micro_batch.position_ids.to(self.device, non_blocking=True),
         )
 
     def train_step(

@@ -8,6 +8,12 @@ multiplies the prediction rows by the head chunk by chunk.
 
 Rows follow :mod:`kdscale.data.batch`: ``gather_prediction_rows`` / ``gather_labels``, the same rows the teacher
 shipped. The forward returns plain tensors (FSDP2 registers its backward hooks on tensors in the output).
+
+Packed micro-batches (``position_ids`` given) run with ``attention_mask=None``: transformers (>= 4.54,
+``masking_utils.find_packed_sequence_indices``) then derives the samples from the restarts of ``position_ids``
+and builds a block-diagonal causal mask for eager and sdpa attention (flash-attention takes the position ids
+directly). That detection is skipped when a KV cache exists, hence ``use_cache=False``. The pad tail of a packed
+row restarts its position ids too, so it is a segment of its own that no real token attends to.
 """
 
 from __future__ import annotations
@@ -19,6 +25,19 @@ from torch import nn
 
 from kdscale.data.batch import gather_labels, gather_prediction_rows
 from kdscale.losses import chunked_distill_loss
+
+
+def require_packed_sequence_support() -> None:
+    """Raise unless this transformers builds block-diagonal masks from restarting position ids."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        import transformers
+
+        raise ValueError(
+            f"packed micro-batches need transformers >= 4.54 (attention within each packed sample); this is "
+            f"transformers {transformers.__version__}: upgrade it or set data.packing: false"
+        ) from None
 
 
 class DistillationModule(nn.Module):
@@ -39,17 +58,24 @@ class DistillationModule(nn.Module):
         teacher_head: torch.Tensor,
         normalizer: float,
         with_forward_kl: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one micro-batch and its detached statistics.
 
         ``teacher_hidden`` ([num_loss_tokens, H_teacher]) may be a read-only CPU view: the loss copies it to the
         device chunk by chunk and never writes to it. ``teacher_head`` is on the student's device.
+        ``position_ids`` is set for a packed micro-batch only (see the module docstring); ``attention_mask`` is
+        then not passed to the model.
 
         Returns ``(loss, stats)``: ``loss`` = ``(kd_ratio * kd_sum + (1 - kd_ratio) * ce_sum) / normalizer``
         (differentiable), ``stats`` = float64 ``[kd_sum, ce_sum]``, plus the forward KL(teacher || student) sum at
         temperature 1 when ``with_forward_kl`` (for evaluation).
         """
-        outputs = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if position_ids is None:
+            outputs = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            require_packed_sequence_support()
+            outputs = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden_rows = gather_prediction_rows(outputs.last_hidden_state, loss_mask)
         labels = gather_labels(input_ids, loss_mask)
         num_rows = hidden_rows.shape[0]

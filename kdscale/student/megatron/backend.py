@@ -18,6 +18,12 @@ Design:
   gradient is that of the per-token mean over the GLOBAL batch whatever the DP/TP/PP split (as in FSDP2).
 - All micro-batches of a step are right-padded to one ``[B, L]`` (pipeline p2p needs fixed shapes; right
   padding is invisible to causal attention for real tokens; padded rows have empty loss masks).
+- Packed micro-batches (:mod:`kdscale.data.batch`) keep their restarting position ids (the padding added to reach
+  ``L`` restarts them once more: a segment of its own) and get a block-diagonal causal ``attention_mask``
+  (``[B, 1, L, L]`` bool, True = masked, Megatron's convention) on every pipeline stage. This needs the local
+  ``DotProductAttention`` (checked: Transformer Engine's causal attention ignores the mask), and RoPE is made to
+  follow the position ids (``GPTModel`` alone would rotate by the column index; equal in exact arithmetic, not in
+  floating point).
 - Optimizer: Megatron's Adam (torch AdamW without Apex) with clipping on the global norm, no weight decay on
   1-D parameters and biases; the learning rate of every param group is set each step from
   :func:`kdscale.student.schedule.warmup_cosine_lambda` (the same schedule as FSDP2).
@@ -37,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kdscale.data.batch import MicroBatch, gather_labels, gather_prediction_rows
+from kdscale.data.batch import MicroBatch, block_causal_mask, gather_labels, gather_prediction_rows
 from kdscale.student.base import StepMetrics
 from kdscale.student.common import (
     LOSS_KEYS,  # noqa: F401 (re-exported: a public name of this module)
@@ -62,6 +68,7 @@ class _StepInput:
     input_ids: torch.Tensor  # [B, L]
     position_ids: torch.Tensor  # [B, L]
     loss_mask: torch.Tensor  # [B, L] bool
+    attention_mask: torch.Tensor | None = None  # [B, 1, L, L] bool, True = masked; None: causal (not packed)
 
 
 def _finalize_grads_without_token_scaling(model: list, num_tokens: Any = None, **kwargs: Any) -> None:
@@ -150,6 +157,8 @@ class MegatronBackend:
         self._teacher_head_source = teacher_head
         self._step = 0
         self._is_setup = False
+        self._packing_ready = False
+        self._rope_position_ids: torch.Tensor | None = None  # of the packed micro-batch being forwarded
 
     # ---------------------------------------------------------------- setup and layout
 
@@ -395,6 +404,11 @@ class MegatronBackend:
         """The first problem with this rank's inputs, or None."""
         if not micro_batches:
             return ValueError("no micro-batches: every rank must run at least one micro-batch per step")
+        if any(mb.is_packed for mb in micro_batches):
+            try:
+                self._enable_packing()
+            except ValueError as error:
+                return error
         if not self.consumes_teacher_outputs:
             return None
         error = teacher_hidden_error(micro_batches, teacher_hidden, self.stage_loss.teacher_head.shape[1])
@@ -448,8 +462,27 @@ class MegatronBackend:
 
     # ---------------------------------------------------------------- steps
 
+    def _enable_packing(self) -> None:
+        """Check that the chunks can run packed micro-batches and make their RoPE follow the position ids (once)."""
+        if self._packing_ready:
+            return
+        from kdscale.student.megatron.model import attention_takes_mask, rope_follows_position_ids
+
+        for model in self.models:
+            unsupported = attention_takes_mask(model)
+            if unsupported is not None:
+                raise ValueError(
+                    f"packed micro-batches need attention that applies a block-diagonal mask, but this student's "
+                    f"attention is {unsupported} (e.g. Transformer Engine's, which ignores a mask with the causal "
+                    "mask type): set data.packing: false"
+                )
+        for model in self.models:
+            rope_follows_position_ids(model, lambda: self._rope_position_ids)
+        self._packing_ready = True
+
     def _step_inputs(self, micro_batches: list[MicroBatch]) -> tuple[list[_StepInput], int, int]:
-        """Micro-batches right-padded to one [B, L] (pipeline p2p needs fixed shapes)."""
+        """Micro-batches right-padded to one [B, L] (pipeline p2p needs fixed shapes); packed ones with their
+        position ids and block-diagonal causal mask."""
         batch_size = max(mb.input_ids.shape[0] for mb in micro_batches)
         seq_len = max(mb.input_ids.shape[1] for mb in micro_batches)
         inputs = []
@@ -460,12 +493,18 @@ class MegatronBackend:
             input_ids[:rows, :cols] = mb.input_ids
             loss_mask[:rows, :cols] = mb.loss_mask
             position_ids = torch.arange(seq_len, dtype=torch.int64).expand(batch_size, seq_len).contiguous()
+            attention_mask = None
+            if mb.is_packed:
+                position_ids[:rows, :cols] = mb.position_ids
+                position_ids[:rows, cols:] = torch.arange(seq_len - cols)  # padding to L: a segment of its own
+                attention_mask = ~block_causal_mask(position_ids).unsqueeze(1)
             inputs.append(
                 _StepInput(
                     index=index,
                     input_ids=input_ids.to(self.device),
                     position_ids=position_ids.to(self.device),
                     loss_mask=loss_mask.to(self.device),
+                    attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                 )
             )
         return inputs, batch_size, seq_len
@@ -509,7 +548,12 @@ class MegatronBackend:
 
     def _forward_step(self, teacher_hidden, normalizer, with_forward_kl, data_iterator, chunk):
         step_input: _StepInput = next(data_iterator)
-        output = chunk(step_input.input_ids, step_input.position_ids, None)
+        packed = step_input.attention_mask is not None
+        self._rope_position_ids = step_input.position_ids if packed else None  # read by the RoPE hook
+        try:
+            output = chunk(step_input.input_ids, step_input.position_ids, step_input.attention_mask)
+        finally:
+            self._rope_position_ids = None
         model = self._model_of_chunk[id(chunk)]
         if not model.post_process:
             return output, None
@@ -527,6 +571,8 @@ class MegatronBackend:
         """Run the pipeline schedule; returns this rank's float64 stats sums (zeros off the last stage)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if any(mb.is_packed for mb in micro_batches):
+            self._enable_packing()
         inputs, batch_size, seq_len = self._step_inputs(micro_batches)
         iterators = [iter(inputs) for _ in self.chunks]
         forward_step = functools.partial(self._forward_step, teacher_hidden, normalizer, with_forward_kl)

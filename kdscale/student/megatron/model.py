@@ -4,6 +4,8 @@ Everything the model needs is derived from the HF config dict (``transformer_con
 ``gpt_model_kwargs_from_hf``): nothing is typed by hand. ``build_gpt_model`` builds one model chunk (one pipeline
 stage, or one virtual stage) with the local layer spec, or the Transformer Engine spec when TE is importable.
 Megatron's ``parallel_state`` must be initialized first; on a CPU-only torch call ``cpu_compat.activate()`` first.
+For packed micro-batches, ``attention_takes_mask`` tells whether a chunk honours a block-diagonal attention mask
+and ``rope_follows_position_ids`` makes its RoPE use restarting position ids.
 
 Note for the checkpoint converter: parameter names
     Observed with megatron-core 0.16.1, local spec, TP=1 PP=1, 2-layer llama / qwen2 / qwen3 models.
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -345,3 +348,53 @@ def build_gpt_model(
         vp_stage=vp_stage,
         **kwargs,
     )
+
+
+def attention_takes_mask(model: torch.nn.Module) -> str | None:
+    """None if every core attention of this chunk applies a given ``attention_mask`` instead of its own causal
+    mask, else the name of the first attention class that does not.
+
+    Megatron's local ``DotProductAttention`` does (its softmax builds the default causal mask only when it gets
+    none, and the config sets no sliding window); Transformer Engine's attention with the causal mask type ignores
+    the mask.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    for module in model.modules():
+        core = getattr(module, "core_attention", None)
+        if core is not None and not isinstance(core, DotProductAttention):
+            return type(core).__name__
+    if getattr(model.config, "window_size", None) is not None:
+        return "DotProductAttention with a sliding window"
+    return None
+
+
+def rope_follows_position_ids(model: torch.nn.Module, position_ids: Callable[[], torch.Tensor | None]) -> None:
+    """Make this chunk's rotary embedding take per-token positions from ``position_ids()`` when it returns some.
+
+    ``GPTModel`` computes RoPE for positions ``0 .. S - 1`` whatever ``position_ids`` it is given (they only feed
+    learned absolute embeddings). A forward hook on its ``rotary_pos_emb`` replaces the ``[S, 1, 1, D]`` table by
+    its rows at ``position_ids()`` ``[B, S]``, i.e. ``[S, B, 1, D]`` (the attention broadcasts it over heads):
+    packed samples then get the angles of their own positions, bit for bit those of the padded layout. When
+    ``position_ids()`` returns None the output is left as is.
+    """
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None:
+        raise ValueError(
+            f"{type(model).__name__} has no rotary_pos_emb: packed micro-batches need a RoPE student; set "
+            "data.packing: false"
+        )
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> torch.Tensor | None:
+        positions = position_ids()
+        if positions is None:
+            return None
+        if not (isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[1:3] == (1, 1)):
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise RuntimeError(
+                f"{type(module).__name__} returned {shape}, not the [S, 1, 1, D] table that packed micro-batches "
+                "index by position: this megatron-core is not supported with data.packing; set it to false"
+            )
+        return output[:, 0][positions.t().to(output.device)]
+
+    rotary.register_forward_hook(hook)
