@@ -6,6 +6,10 @@ and copied) and hands back the ref. The driver never touches the data: it routes
 consume that data-parallel shard. A consuming rank calls ``get``: on the same node
 ``ray.get`` maps the object store's shared memory and returns a read-only numpy view, and ``as_tensor`` views it
 as a torch tensor, so no byte is copied on the consumer side. The tensors are READ-ONLY: never write into them.
+
+With the teacher-output cache (``kdscale.teacher.cache``), a ref may instead be a ``CachedOutputRef``: the consuming
+rank reads it from the cache directory (a memory map of the entry file, or a concatenation of several). ``get``
+takes any mix of the two kinds, keeps their order, and fetches all Ray refs with one ``ray.get``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from kdscale.teacher.base import TeacherOutput
+from kdscale.teacher.cache import CachedOutputRef
 
 
 class HiddenStateChannel(Protocol):
@@ -42,10 +47,17 @@ class RayObjectStoreChannel:
         return ray.put(output)
 
     def get(self, refs: list[Any]) -> list[torch.Tensor]:
+        """Resolve Ray ObjectRefs (one ``ray.get``) and CachedOutputRefs (read from disk), in order."""
         import ray
 
         start = time.perf_counter()
-        outputs: list[TeacherOutput] = ray.get(list(refs), timeout=self.timeout_s)
+        refs = list(refs)
+        outputs: list[TeacherOutput | None] = [_load_cached(r) for r in refs]
+        remote = [i for i, o in enumerate(outputs) if o is None]
+        if remote:
+            fetched = ray.get([refs[i] for i in remote], timeout=self.timeout_s)
+            for i, output in zip(remote, fetched):
+                outputs[i] = output
         self.last_get_seconds = time.perf_counter() - start
         self.last_get_bytes = sum(o.nbytes for o in outputs)
         return [o.as_tensor() for o in outputs]
@@ -60,6 +72,14 @@ class InProcessChannel:
     def put(self, output: TeacherOutput) -> TeacherOutput:
         return output
 
-    def get(self, refs: list[TeacherOutput]) -> list[torch.Tensor]:
-        self.last_get_bytes = sum(o.nbytes for o in refs)
-        return [o.as_tensor() for o in refs]
+    def get(self, refs: list[TeacherOutput | CachedOutputRef]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        outputs = [o if isinstance(o, TeacherOutput) else o.load() for o in refs]
+        self.last_get_seconds = time.perf_counter() - start
+        self.last_get_bytes = sum(o.nbytes for o in outputs)
+        return [o.as_tensor() for o in outputs]
+
+
+def _load_cached(ref: Any) -> TeacherOutput | None:
+    """The output of a CachedOutputRef read from the cache; None for any other ref (a Ray ObjectRef)."""
+    return ref.load() if isinstance(ref, CachedOutputRef) else None
