@@ -55,7 +55,7 @@ class HFTeacherConfig(StrictModel):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available.")
-    num_replicas: int = Field(1, ge=1, description="Teacher replicas (Ray actors); shards go round-robin.")
+    num_replicas: int = Field(1, ge=1, description="Teacher replicas (Ray actors); work goes to the least loaded.")
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: all cores).")
     max_tokens_per_forward: int = Field(8192, ge=1, description="Split micro-batches above this many tokens.")
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
@@ -183,10 +183,16 @@ class DataConfig(StrictModel):
     )
     global_batch_size: int = Field(8, ge=1, description="Samples per optimizer step, over all DP ranks.")
     max_tokens_per_micro_batch: int = Field(
-        4096, ge=1, description="Padded tokens (rows x longest) per micro-batch; more micro-batches accumulate."
+        4096, ge=1, description="Padded tokens (rows x longest) per micro-batch, or real tokens under packing; "
+        "more micro-batches accumulate."
     )
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Stop if more rows than this are malformed.")
     shuffle: bool = True
+    packing: bool = Field(
+        False,
+        description="Padding-free micro-batches: samples packed end to end in one row, position ids restarting "
+        "per sample and attention kept within each sample; max_tokens_per_micro_batch then bounds real tokens.",
+    )
 
 
 class TransportConfig(StrictModel):
@@ -195,6 +201,36 @@ class TransportConfig(StrictModel):
     backend: Literal["ray"] = "ray"
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="bf16 travels as int16 bits (half the bytes); float32 for exactness checks."
+    )
+
+
+class TeacherCacheConfig(StrictModel):
+    """Optional on-disk cache of off-policy teacher hidden states, reused on later epochs and reruns.
+
+    Entries are keyed by each sample's token ids and loss mask under a directory named by the teacher's
+    fingerprint and the transport dtype, so a changed teacher or changed data never reads stale states.
+    """
+
+    enabled: bool = Field(False, description="Read cached teacher outputs and write the missing ones.")
+    dir: str = Field("{cache_dir}/teacher_outputs", description="Cache root; '{cache_dir}' is run.cache_dir.")
+
+
+class ControllerConfig(StrictModel):
+    """How the driver schedules teacher work: prefetch depth, fault handling, placement of the actors."""
+
+    prefetch_steps: int = Field(
+        2, ge=0, description="Future steps of off-policy teacher work kept in flight while the student trains "
+        "(0: teacher then student, strictly one after the other). Bounds the object-store use to "
+        "(prefetch_steps + 1) steps of teacher outputs.",
+    )
+    max_teacher_restarts: int = Field(
+        2, ge=0, description="Restarts per teacher replica after it dies; past that it is dropped with a "
+        "warning (the run stops if no replica is left).",
+    )
+    placement: Literal["auto", "colocated", "separate"] = Field(
+        "auto", description="'separate': teacher replicas on their own GPUs (first nodes), student ranks on "
+        "the last nodes; 'colocated': every node hosts student ranks and teacher replicas sharing its GPUs; "
+        "'auto': separate when the GPUs suffice, else colocated. Ignored on CPU-only clusters.",
     )
 
 
@@ -218,6 +254,8 @@ class KDConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     data: DataConfig
     transport: TransportConfig = TransportConfig()
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
+    controller: ControllerConfig = ControllerConfig()
     ray: RayConfig = RayConfig()
 
     @property

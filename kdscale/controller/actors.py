@@ -39,14 +39,30 @@ class TeacherReplica:
         self.engine = build_teacher_engine(engine, **engine_kwargs)
         self.channel = RayObjectStoreChannel()
 
-    def start(self) -> int:
-        """Load the model; returns the hidden size."""
+    def start(self) -> dict[str, Any]:
+        """Load the model; returns the hidden size and this actor's node id."""
         self.engine.start()
-        return self.engine.hidden_size
+        return {"hidden_size": self.engine.hidden_size, "node_id": ray.get_runtime_context().get_node_id()}
 
-    def forward(self, micro_batch) -> ray.ObjectRef:
-        """Hidden states of one micro-batch's prediction positions, put in the object store; returns its ref."""
-        return self.channel.put(self.engine.forward(micro_batch))
+    def forward(self, micro_batch, cache_spec=None) -> dict[str, Any]:
+        """Hidden states of one micro-batch's prediction positions, put in the object store (and written to the
+        teacher-output cache when ``cache_spec`` is given); returns the ref and what it cost."""
+        start = time.perf_counter()
+        output = self.engine.forward(micro_batch)
+        seconds = time.perf_counter() - start
+        cache_bytes = 0
+        if cache_spec is not None:
+            from kdscale.teacher.cache import store_output
+
+            cache_bytes = store_output(cache_spec, micro_batch, output)
+        return {"ref": self.channel.put(output), "seconds": seconds, "num_tokens": micro_batch.num_tokens,
+                "nbytes": output.nbytes, "cache_bytes": cache_bytes}
+
+    def ping(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -112,11 +128,17 @@ class StudentRank:
             "layout": self.backend.layout(),
             "dp_rank": self.backend.dp_rank,
             "consumes_teacher_outputs": getattr(self.backend, "consumes_teacher_outputs", True),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     def train_step(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
-        """Resolve this shard's teacher refs (zero-copy), run one optimizer step, return its metrics."""
-        teacher_hidden = self.channel.get(teacher_refs)
+        """Resolve this shard's teacher refs (zero-copy), run one optimizer step, return its metrics.
+
+        If any rank of the group cannot resolve its refs (a teacher replica died after producing them), no rank
+        trains: each returns ``{"lost": [indices of its unreadable refs]}`` and the driver re-sends that work."""
+        teacher_hidden, lost = self._resolve(teacher_refs)
+        if teacher_hidden is None:
+            return {"lost": lost}
         start = time.perf_counter()
         metrics = self.backend.train_step(
             micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens
@@ -125,11 +147,34 @@ class StudentRank:
         out["student_s"] = time.perf_counter() - start
         out["transfer_s"] = self.channel.last_get_seconds
         out["transfer_bytes"] = self.channel.last_get_bytes
+        out["sample_ids"] = [i for mb in micro_batches for i in mb.sample_ids]
         return out
 
     def evaluate(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
-        teacher_hidden = self.channel.get(teacher_refs)
+        """Held-out loss and KL; ``{"lost": [...]}`` as in ``train_step`` when refs are unreadable."""
+        teacher_hidden, lost = self._resolve(teacher_refs)
+        if teacher_hidden is None:
+            return {"lost": lost}
         return self.backend.evaluate(micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens)
+
+    def _resolve(self, refs: list) -> tuple[list | None, list[int]]:
+        """The refs' tensors, or (None, indices of the unreadable refs) if ANY rank of the group failed (all ranks
+        agree through one all-reduce, so that none enters the step's collectives alone)."""
+        import torch
+        import torch.distributed as dist
+
+        hidden, lost = None, []
+        try:
+            hidden = self.channel.get(refs)
+        except Exception:  # noqa: BLE001 - a lost object (RayError) or an unreadable cache entry
+            for index, ref in enumerate(refs):
+                try:
+                    self.channel.get([ref])
+                except Exception:  # noqa: BLE001
+                    lost.append(index)
+        ok = torch.tensor([0 if hidden is None else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return (hidden, []) if int(ok.item()) == 1 else (None, lost)
 
     def save(self, path: str) -> None:
         self.backend.save(path)
@@ -139,6 +184,9 @@ class StudentRank:
 
     def export_hf(self, path: str) -> None:
         self.backend.export_hf(path)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def shutdown(self) -> None:
         import torch.distributed as dist

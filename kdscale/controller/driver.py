@@ -1,7 +1,13 @@
-"""The Ray driver loop of off-policy distillation. Reads top to bottom; every synchronization is a visible ray.get.
+"""The Ray driver loop of off-policy distillation. Reads top to bottom; every synchronization is a visible wait.
 
-Per step: lay the global batch out per student data-parallel rank, send each micro-batch's token ids to a teacher
-replica, route the returned object refs to the ranks that consume that shard, train, log, checkpoint.
+Per step: lay the global batch out per student data-parallel rank, send each micro-batch's token ids to the teacher
+pool, route the returned object refs to the ranks that consume that shard, train, log, checkpoint.
+
+Overlap: off-policy teacher outputs do not depend on the student, so the teacher work of the next
+``controller.prefetch_steps`` steps is submitted before the current step trains; the object store holds at most
+that many steps (plus the held-out set), because each step's outputs are released once it has trained.
+Fault tolerance: the pool re-sends the work of a dead teacher replica; a step whose refs a rank cannot read is not
+trained by any rank and is retried. A dead student rank stops the run with the last good checkpoint named.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +24,14 @@ from typing import Any
 import ray
 
 from kdscale.checkpoint import run_checkpoints
+from kdscale.cli_errors import RunFailed
 from kdscale.config.load import ConfigError, dump_config
 from kdscale.config.schema import KDConfig
 from kdscale.controller.cluster import ray_cluster
+from kdscale.controller.placement import PlacementPlan, cluster_nodes, plan_placement
 from kdscale.controller.preflight import preflight
 from kdscale.controller.prepare import PreparedModels, prepare_models
+from kdscale.controller.teacher_pool import TeacherPool, TeacherPoolError, TeacherWork
 from kdscale.data.batch import StepLayout
 from kdscale.observability.logging import get_logger
 from kdscale.observability.metrics import MetricsWriter, read_metrics
@@ -40,8 +51,41 @@ class RunSummary:
     hf_export: str | None
 
 
-def train(cfg: KDConfig) -> RunSummary:
-    """Run (or resume) the distillation described by ``cfg``."""
+@dataclass
+class _Student:
+    """A student rank's actor, the data-parallel shard it trains and whether it reads that shard's teacher outputs."""
+
+    dp_rank: int
+    consumes: bool
+    handle: Any
+    node_id: str | None
+
+
+@dataclass
+class _PlannedStep:
+    """A step whose teacher work is submitted: its layout, work keys per shard, and sampler position."""
+
+    step: int
+    epoch: int
+    step_in_epoch: int
+    layout: StepLayout
+    keys: list[list[tuple]]
+
+
+@dataclass
+class RunView:
+    """What ``on_step_end`` sees of a running distillation: the teacher pool and the student ranks' actors."""
+
+    pool: TeacherPool
+    student_handles: list
+
+
+def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None = None) -> RunSummary:
+    """Run (or resume) the distillation described by ``cfg``.
+
+    ``on_step_end(step, view)`` is called after each trained step: an extension point (the fault-tolerance tests
+    use it to kill a teacher replica or a student rank mid-run).
+    """
     log = get_logger()
     started = time.perf_counter()
     problems = preflight(cfg)
@@ -63,21 +107,23 @@ def train(cfg: KDConfig) -> RunSummary:
         shuffle=cfg.data.shuffle,
     )
     total_steps = cfg.run.max_steps or sampler.steps_per_epoch * cfg.run.num_epochs
-    dp_size = cfg.student.dp_size
 
     def layout(samples: list, step: int, epoch: int) -> StepLayout:
         return build_step_layout(
-            samples, dp_size=dp_size, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
-            pad_token_id=_pad_id(models.tokenizer), step=step, epoch=epoch,
+            samples, dp_size=cfg.student.dp_size, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+            pad_token_id=_pad_id(models.tokenizer), step=step, epoch=epoch, packing=cfg.data.packing,
         )
 
     with ray_cluster(cfg, run_dir):
-        teachers = _start_teachers(cfg, models)
-        students = _start_students(cfg, models, total_steps)
+        plan = _plan(cfg)
+        pool = _start_teachers(cfg, models, plan)
+        students = _start_students(cfg, models, total_steps, plan)
+        consumer_nodes = _consumer_nodes(students, cfg.student.dp_size)
+        _open_cache(cfg, models, pool)
         start_step = 0
         if resume_from is not None:
             state = run_checkpoints.read_state(resume_from)
-            ray.get([s.load.remote(str(resume_from)) for _, _, s in students], timeout=cfg.ray.timeout_s)
+            ray.get([s.handle.load.remote(str(resume_from)) for s in students], timeout=cfg.ray.timeout_s)
             sampler.load_state_dict(state["sampler"])
             start_step = state["step"]
             log.info(f"resumed from {resume_from} at step {start_step}")
@@ -85,46 +131,74 @@ def train(cfg: KDConfig) -> RunSummary:
         metrics = MetricsWriter(run_dir, total_steps=total_steps, log_every=cfg.run.log_every,
                                 progress_bar=cfg.run.progress_bar, start_step=start_step)
         metrics.truncate_after(start_step)
+        ledger = _Ledger(run_dir / "ledger.jsonl", start_step)
         eval_layout = layout(eval_samples, 0, 0) if eval_samples else None
-        eval_refs = _teacher_refs(teachers, eval_layout, cfg.ray.timeout_s) if eval_layout else None
-        if eval_layout and start_step == 0:
-            _evaluate(students, eval_layout, eval_refs, 0, metrics, cfg)
+        eval_keys = _submit(pool, eval_layout, "eval", consumer_nodes) if eval_layout else None
+        last_saved = start_step if resume_from is not None else None
 
-        last_saved = start_step
-        for step in range(start_step + 1, total_steps + 1):
-            step_start = time.perf_counter()
-            epoch, samples = sampler.next_step()
-            step_layout = layout([train_samples[i] for i in samples], step, epoch)
-            teacher_refs = _teacher_refs(teachers, step_layout, cfg.ray.timeout_s)
-            teacher_wait_s = time.perf_counter() - step_start
-            results = ray.get(
-                [
-                    student.train_step.remote(step_layout.shards[dp], teacher_refs[dp] if consumes else [],
-                                              step_layout.global_num_loss_tokens)
-                    for dp, consumes, student in students
-                ],
-                timeout=cfg.ray.timeout_s,
-            )
-            del teacher_refs  # the step consumed them: release the object-store memory
-            metrics.step(step, _step_metrics(results, step_layout, teacher_wait_s, time.perf_counter() - step_start, epoch))
-            if eval_layout and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != total_steps:
-                _evaluate(students, eval_layout, eval_refs, step, metrics, cfg)
-            if cfg.run.save_every and step % cfg.run.save_every == 0:
-                _save(cfg, run_dir, students, step, sampler)
-                last_saved = step
+        def failed(what: str, exc: BaseException) -> RunFailed:
+            latest = run_checkpoints.latest_checkpoint(run_dir)
+            where = (f"last good checkpoint: {latest} (`kdscale train` with the same config resumes from it)"
+                     if latest is not None else "no checkpoint was written yet (set run.save_every to save "
+                     "periodically)")
+            return RunFailed(f"{what}: {exc}\nthe run stopped; {where}")
 
-        if last_saved != total_steps:
-            _save(cfg, run_dir, students, total_steps, sampler)
-        if eval_layout:
-            _evaluate(students, eval_layout, eval_refs, total_steps, metrics, cfg)
+        try:
+            if eval_layout and start_step == 0:
+                _evaluate(students, pool, eval_layout, eval_keys, 0, metrics, cfg)
+
+            planned: deque[_PlannedStep] = deque()
+            next_to_plan = start_step + 1
+            for step in range(start_step + 1, total_steps + 1):
+                step_start = time.perf_counter()
+                while next_to_plan <= min(step + cfg.controller.prefetch_steps, total_steps):
+                    position = (sampler.epoch, sampler.step_in_epoch)
+                    epoch, indices = sampler.next_step()
+                    step_layout = layout([train_samples[i] for i in indices], next_to_plan, epoch)
+                    keys = _submit(pool, step_layout, next_to_plan, consumer_nodes)
+                    planned.append(_PlannedStep(next_to_plan, epoch, position[1], step_layout, keys))
+                    next_to_plan += 1
+                current = planned.popleft()
+                assert current.step == step
+                inflight_bytes = pool.inflight_bytes()
+                resubmitted_before = pool.num_resubmitted
+                results, teacher, teacher_wait_s = _train_step(students, pool, current, cfg)
+                pool.release(k for shard in current.keys for k in shard)
+                last_position = sampler.position_after(current.epoch, current.step_in_epoch)
+                metrics.step(step, _step_metrics(
+                    results, current, teacher, teacher_wait_s=teacher_wait_s,
+                    step_s=time.perf_counter() - step_start, inflight_bytes=inflight_bytes,
+                    resubmitted=pool.num_resubmitted - resubmitted_before, replicas_alive=pool.num_alive,
+                ))
+                ledger.write(step, current.epoch, students, results)
+                if on_step_end is not None:
+                    on_step_end(step, RunView(pool, [s.handle for s in students]))
+                if eval_layout and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != total_steps:
+                    _evaluate(students, pool, eval_layout, eval_keys, step, metrics, cfg)
+                if cfg.run.save_every and step % cfg.run.save_every == 0:
+                    _save(cfg, run_dir, students, step, sampler, last_position)
+                    last_saved = step
+
+            if last_saved != total_steps:
+                _save(cfg, run_dir, students, total_steps, sampler, last_position)
+            if eval_layout:
+                _evaluate(students, pool, eval_layout, eval_keys, total_steps, metrics, cfg)
+        except ray.exceptions.RayActorError as exc:
+            _kill_all(students, pool)
+            raise failed("a student rank died", exc) from exc
+        except TeacherPoolError as exc:
+            _kill_all(students, pool)
+            raise failed("the teacher pool failed", exc) from exc
         hf_dir = None
         if cfg.run.export_hf:
             hf_dir = run_dir / "hf_student"
-            ray.get([s.export_hf.remote(str(hf_dir)) for _, _, s in students], timeout=cfg.ray.timeout_s)
+            ray.get([s.handle.export_hf.remote(str(hf_dir)) for s in students], timeout=cfg.ray.timeout_s)
             metrics.info(f"student exported as a Hugging Face model: {hf_dir}")
+        if pool.cache is not None:
+            pool.cache.log_stats()
         metrics.close()
-        ray.get([s.shutdown.remote() for _, _, s in students], timeout=cfg.ray.timeout_s)
-        ray.get([t.shutdown.remote() for t in teachers], timeout=cfg.ray.timeout_s)
+        ray.get([s.handle.shutdown.remote() for s in students], timeout=cfg.ray.timeout_s)
+        pool.shutdown()
 
     summary = _summarize(cfg, run_dir, total_steps, hf_dir, time.perf_counter() - started)
     log.info(_summary_line(summary))
@@ -184,36 +258,58 @@ def _load_datasets(cfg: KDConfig, models: PreparedModels) -> tuple[list, list]:
     return out[0], out[1]
 
 
-def _start_teachers(cfg: KDConfig, models: PreparedModels) -> list:
+def _plan(cfg: KDConfig) -> PlacementPlan:
+    """Where each teacher replica and student rank goes (see kdscale.controller.placement)."""
+    teacher_gpus = 1 if _device(cfg.teacher.device) == "cuda" else 0
+    student_gpus = 1 if _device(cfg.student.device) == "cuda" else 0
+    nodes = cluster_nodes()
+    plan = plan_placement(
+        nodes, num_teachers=cfg.teacher.num_replicas, teacher_gpus=teacher_gpus,
+        num_students=cfg.student.world_size, student_gpus=student_gpus, mode=cfg.controller.placement,
+    )
+    get_logger().info(plan.describe(nodes))
+    return plan
+
+
+def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan) -> TeacherPool:
     from kdscale.controller.actors import TeacherReplica
 
     t = cfg.teacher
+    device = _device(t.device)
     kwargs = {
         "model_path": str(models.teacher_dir),
         "dtype": t.dtype,
         "transport_dtype": cfg.transport.dtype,
         "attn_implementation": t.attn_implementation,
         "max_tokens_per_forward": t.max_tokens_per_forward,
+        "device": device,
     }
-    device = _device(t.device)
-    kwargs["device"] = device
     threads = t.num_threads or os.cpu_count()
-    options = {"num_gpus": 1} if device == "cuda" else {}
-    teachers = [TeacherReplica.options(**options).remote(t.engine, kwargs, threads) for _ in range(t.num_replicas)]
-    ray.get([r.start.remote() for r in teachers], timeout=cfg.ray.timeout_s)
-    get_logger().info(f"{len(teachers)} teacher replica(s) ready ({t.engine}: {models.teacher_dir})")
-    return teachers
+
+    def make_replica(index: int):
+        return TeacherReplica.options(**plan.actor_options(plan.teachers[index])).remote(t.engine, kwargs, threads)
+
+    pool = TeacherPool(
+        make_replica, t.num_replicas, timeout_s=cfg.ray.timeout_s, max_restarts=cfg.controller.max_teacher_restarts,
+        max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+    )
+    pool.start()
+    get_logger().info(f"{t.num_replicas} teacher replica(s) ready ({t.engine}: {models.teacher_dir}); prefetch "
+                      f"{cfg.controller.prefetch_steps} step(s)")
+    return pool
 
 
-def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int) -> list:
+def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int, plan: PlacementPlan) -> list[_Student]:
     from kdscale.controller.actors import StudentRank
 
     s = cfg.student
     device = _device(s.device)
     world = s.world_size
     threads = s.num_threads_per_rank or max(1, (os.cpu_count() or 1) // world)
-    options = {"num_gpus": 1} if device == "cuda" else {}
-    ranks = [StudentRank.options(**options).remote(r, world, threads, device) for r in range(world)]
+    ranks = [
+        StudentRank.options(**plan.actor_options(plan.students[r])).remote(r, world, threads, device)
+        for r in range(world)
+    ]
     master_addr, master_port = ray.get(ranks[0].address.remote(), timeout=cfg.ray.timeout_s)
     kwargs = _student_backend_kwargs(cfg, models, total_steps)
     infos = ray.get(
@@ -229,7 +325,113 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int) -> 
     )
     get_logger().info(f"{len(ranks)} student rank(s) ready ({s.backend} on {device}; teacher outputs of each DP "
                       f"shard go to ranks {infos[0]['layout']})")
-    return [(info["dp_rank"], info["consumes_teacher_outputs"], rank) for rank, info in zip(ranks, infos)]
+    return [_Student(i["dp_rank"], i["consumes_teacher_outputs"], r, i["node_id"]) for r, i in zip(ranks, infos)]
+
+
+def _kill_all(students: list[_Student], pool: TeacherPool) -> None:
+    """Stop every actor of the run at once (the survivors of a failed step may be blocked in a collective)."""
+    for handle in [s.handle for s in students] + pool.handles():
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+
+
+def _consumer_nodes(students: list[_Student], dp_size: int) -> list[str | None]:
+    """Per DP shard, the node of the (first) rank that consumes its teacher outputs."""
+    nodes: list[str | None] = [None] * dp_size
+    for student in students:
+        if student.consumes and nodes[student.dp_rank] is None:
+            nodes[student.dp_rank] = student.node_id
+    return nodes
+
+
+def _open_cache(cfg: KDConfig, models: PreparedModels, pool: TeacherPool) -> None:
+    """Attach the teacher-output cache to the pool when teacher_cache.enabled."""
+    if not cfg.teacher_cache.enabled:
+        return
+    from kdscale.teacher.cache import TeacherOutputCache, data_fingerprint, teacher_fingerprint
+
+    settings = {"dtype": cfg.teacher.dtype, "attn_implementation": cfg.teacher.attn_implementation}
+    root = Path(cfg.teacher_cache.dir.replace("{cache_dir}", cfg.run.cache_dir))
+    pool.cache = TeacherOutputCache.open(
+        root,
+        teacher_fingerprint=teacher_fingerprint(models.teacher_dir, engine=cfg.teacher.engine, settings=settings),
+        teacher_description={"engine": cfg.teacher.engine, "model_path": cfg.teacher.model_path, **settings},
+        transport_dtype=cfg.transport.dtype,
+        hidden_size=pool.hidden_size,
+        data_fingerprint=data_fingerprint(cfg.data.train_path),
+    )
+    get_logger().info(f"teacher-output cache: {pool.cache.spec.path}")
+
+
+def _submit(pool: TeacherPool, layout: StepLayout, step: int | str, consumer_nodes: list) -> list[list[tuple]]:
+    """Send every micro-batch of every DP shard to the pool; returns the work keys per shard.
+
+    Micro-batches go in rounds across the shards (the first of every shard, then the second...), so that the
+    demand of every node arrives interleaved and the pool can keep each node's work on that node's replicas."""
+    keys = [[(step, dp_rank, index) for index in range(len(shard))] for dp_rank, shard in enumerate(layout.shards)]
+    rounds = max((len(shard) for shard in layout.shards), default=0)
+    pool.submit(
+        TeacherWork(keys[dp_rank][index], shard[index], consumer_nodes[dp_rank])
+        for index in range(rounds)
+        for dp_rank, shard in enumerate(layout.shards)
+        if index < len(shard)
+    )
+    return keys
+
+
+def _run_with_teacher_outputs(students: list[_Student], pool: TeacherPool, layout: StepLayout, keys: list[list],
+                              method: str, cfg: KDConfig) -> tuple[list[dict], list, float]:
+    """Wait for the teacher outputs of ``keys``, route each shard's refs to its consuming ranks and call
+    ``method`` (train_step or evaluate) on every rank; retry with re-sent work while a rank reports lost refs.
+    Returns (the ranks' results, the teacher results, seconds blocked waiting for the teacher)."""
+    flat = [k for shard in keys for k in shard]
+    wait_s = 0.0
+    for _attempt in range(1 + cfg.teacher.num_replicas * (cfg.controller.max_teacher_restarts + 1)):
+        start = time.perf_counter()
+        teacher = pool.wait(flat)
+        wait_s += time.perf_counter() - start
+        by_key = dict(zip(flat, teacher))
+        results = _get_all(
+            [
+                getattr(s.handle, method).remote(
+                    layout.shards[s.dp_rank], [by_key[k].ref for k in keys[s.dp_rank]] if s.consumes else [],
+                    layout.global_num_loss_tokens,
+                )
+                for s in students
+            ],
+            timeout_s=cfg.ray.timeout_s,
+        )
+        lost = {keys[s.dp_rank][i] for s, r in zip(students, results) for i in r.get("lost", ())}
+        if not any("lost" in r for r in results):
+            return results, teacher, wait_s
+        if not lost:
+            raise TeacherPoolError("a rank of another shard could not read its teacher outputs, but none reported "
+                                   "which; this is a bug")
+        count = pool.resend(lost)
+        get_logger().warning(f"{len(lost)} teacher output(s) of step {layout.step} were unreadable (their replica "
+                             f"died); re-sent {count} and retrying the step")
+    raise TeacherPoolError(f"step {layout.step}: teacher outputs kept getting lost; giving up")
+
+
+def _get_all(calls: list, *, timeout_s: float) -> list:
+    """``ray.get`` of every call, but raising the FIRST failure at once: when one rank dies, the others block in
+    their collectives, and a plain ``ray.get`` of the list would wait for them until the timeout."""
+    deadline = time.monotonic() + timeout_s
+    remaining = list(calls)
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"{len(remaining)} student rank call(s) did not finish within ray.timeout_s="
+                               f"{timeout_s:.0f}s")
+        ray.get(ready)  # raises the failure, if it is one
+    return ray.get(calls)
+
+
+def _train_step(students: list[_Student], pool: TeacherPool, planned: _PlannedStep,
+                cfg: KDConfig) -> tuple[list[dict], list, float]:
+    return _run_with_teacher_outputs(students, pool, planned.layout, planned.keys, "train_step", cfg)
 
 
 def _student_backend_kwargs(cfg: KDConfig, models: PreparedModels, total_steps: int) -> dict[str, Any]:
@@ -264,46 +466,41 @@ def _student_backend_kwargs(cfg: KDConfig, models: PreparedModels, total_steps: 
     return kwargs
 
 
-def _teacher_refs(teachers: list, layout: StepLayout, timeout_s: float) -> list[list]:
-    """Send every micro-batch of every DP shard to a teacher replica (round-robin); wait until all are done;
-    return, per shard, the refs of the hidden states in the object store (the data itself stays there)."""
-    calls, n = [], 0
-    for shard in layout.shards:
-        shard_calls = []
-        for micro_batch in shard:
-            shard_calls.append(teachers[n % len(teachers)].forward.remote(micro_batch))
-            n += 1
-        calls.append(shard_calls)
-    return [ray.get(shard_calls, timeout=timeout_s) for shard_calls in calls]
-
-
-def _step_metrics(results: list[dict], layout: StepLayout, teacher_wait_s: float, step_s: float, epoch: int) -> dict:
+def _step_metrics(results: list[dict], planned: _PlannedStep, teacher: list, *, teacher_wait_s: float,
+                  step_s: float, inflight_bytes: int, resubmitted: int, replicas_alive: int) -> dict:
     first = results[0]  # loss, kd, ce, grad norm, lr are global (all-reduced) and equal on every rank
+    teacher_s = sum(t.seconds for t in teacher)
+    teacher_tokens = sum(t.num_tokens for t in teacher)
+    student_s = max(r["student_s"] for r in results)
     return {
-        "epoch": epoch,
+        "epoch": planned.epoch,
         "train/loss": first["loss"],
         "train/kd": first["kd"],
         "train/ce": first["ce"],
         "train/lr": first["lr"],
         "train/grad_norm": first["grad_norm"],
-        "train/num_loss_tokens": layout.global_num_loss_tokens,
+        "train/num_loss_tokens": planned.layout.global_num_loss_tokens,
         "train/num_tokens": first["num_tokens"],
+        "time/teacher_s": teacher_s,
         "time/teacher_wait_s": teacher_wait_s,
-        "time/student_s": max(r["student_s"] for r in results),
+        "time/student_s": student_s,
         "time/transfer_s": max(r["transfer_s"] for r in results),
         "time/step_s": step_s,
         "transfer/bytes": sum(r["transfer_bytes"] for r in results),
+        "teacher/num_tokens": teacher_tokens,
+        "teacher/cache_hits": sum(t.replica is None for t in teacher),
+        "teacher/resubmitted": resubmitted,
+        "teacher/replicas_alive": replicas_alive,
+        "objectstore/inflight_bytes": inflight_bytes,
         "throughput/tokens_per_s": first["num_tokens"] / step_s,
+        "throughput/teacher_tokens_per_s": teacher_tokens / teacher_s if teacher_s else 0.0,
+        "throughput/student_tokens_per_s": first["num_tokens"] / student_s if student_s else 0.0,
     }
 
 
-def _evaluate(students: list, layout: StepLayout, refs: list[list], step: int, metrics: MetricsWriter,
-              cfg: KDConfig) -> float:
-    results = ray.get(
-        [s.evaluate.remote(layout.shards[dp], refs[dp] if consumes else [], layout.global_num_loss_tokens)
-         for dp, consumes, s in students],
-        timeout=cfg.ray.timeout_s,
-    )
+def _evaluate(students: list[_Student], pool: TeacherPool, layout: StepLayout, keys: list[list], step: int,
+              metrics: MetricsWriter, cfg: KDConfig) -> float:
+    results, _, _ = _run_with_teacher_outputs(students, pool, layout, keys, "evaluate", cfg)
     kl = float(results[0]["kl"])
     metrics.write({"step": step, "eval/kl": kl, "eval/loss": float(results[0]["loss"]),
                    "eval/num_loss_tokens": layout.global_num_loss_tokens})
@@ -312,12 +509,35 @@ def _evaluate(students: list, layout: StepLayout, refs: list[list], step: int, m
     return kl
 
 
-def _save(cfg: KDConfig, run_dir: Path, students: list, step: int, sampler) -> None:
+def _save(cfg: KDConfig, run_dir: Path, students: list[_Student], step: int, sampler, position: dict) -> None:
+    """Checkpoint the students at ``step``; ``position`` is the sampler position after that step (the sampler
+    itself may have run ahead for prefetching)."""
     tmp = run_checkpoints.begin(run_dir, step)
-    ray.get([s.save.remote(str(tmp)) for _, _, s in students], timeout=cfg.ray.timeout_s)
-    state = {"sampler": sampler.state_dict(), "student_backend": cfg.student.backend}
+    ray.get([s.handle.save.remote(str(tmp)) for s in students], timeout=cfg.ray.timeout_s)
+    state = {"sampler": {**sampler.state_dict(), **position}, "student_backend": cfg.student.backend}
     final = run_checkpoints.commit(run_dir, tmp, step, state, keep=cfg.run.keep_checkpoints)
     get_logger().info(f"checkpoint saved: {final}")
+
+
+class _Ledger:
+    """``ledger.jsonl``: per trained step, the sample ids each data-parallel shard trained, as reported by its
+    ranks (the audit trail that nothing was lost or trained twice, e.g. across teacher failures)."""
+
+    def __init__(self, path: Path, start_step: int) -> None:
+        self.path = path
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line and start_step and json.loads(line)["step"] <= start_step]
+            _write_atomically(path, "".join(line + "\n" for line in keep))
+
+    def write(self, step: int, epoch: int, students: list[_Student], results: list[dict]) -> None:
+        per_dp: dict[int, list[int]] = {}
+        for student, result in zip(students, results):
+            if student.consumes:
+                per_dp.setdefault(student.dp_rank, result["sample_ids"])
+        record = {"step": step, "epoch": epoch, "sample_ids": [per_dp[dp] for dp in sorted(per_dp)]}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _summarize(cfg: KDConfig, run_dir: Path, steps: int, hf_dir: Path | None, wall_s: float) -> RunSummary:
