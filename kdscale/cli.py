@@ -1,4 +1,4 @@
-"""The ``kdscale`` command line: train, validate, convert. Thin: parses arguments, calls the packages, turns user errors
+"""The ``kdscale`` command line: train, validate, convert, report. Thin: parses arguments, calls the packages, turns user errors
 into one clear message and exit code 2 (no traceback)."""
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
     convert.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the converter")
+    report = sub.add_parser(
+        "report",
+        help="per-stage time summary of a run (teacher, wait, transfer, student) and <run_dir>/stages.png",
+    )
+    report.add_argument("run_dir", help="a run directory (runs/NAME) holding metrics.jsonl")
+    report.add_argument(
+        "--skip-first", type=int, default=1, metavar="K", help="leave the first K train steps out (warm-up; default 1)"
+    )
+    report.add_argument("--json", action="store_true", help="print the summary as JSON")
+    report.add_argument("--no-plot", action="store_true", help="do not write <run_dir>/stages.png")
     return parser
 
 
@@ -62,10 +72,22 @@ def cmd_convert(direction: str, args: list[str]) -> int:
     return (hf_to_mcore_main if direction == "hf-to-mcore" else mcore_to_hf_main)(args)
 
 
+def cmd_report(run_dir: str, *, skip_first: int, as_json: bool, plot: bool) -> int:
+    from kdscale.observability.report import report
+
+    report(run_dir, skip_first=skip_first, plot=plot, as_json=as_json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "convert":
         return cmd_convert(args.direction, args.args)
+    if args.command == "report":
+        return run_cli(
+            "kdscale report",
+            lambda: cmd_report(args.run_dir, skip_first=args.skip_first, as_json=args.json, plot=not args.no_plot),
+        )
     command = {"train": cmd_train, "validate": cmd_validate}[args.command]
     return run_cli(f"kdscale {args.command}", lambda: command(args.config, args.overrides))
 
