@@ -56,7 +56,10 @@ class HFTeacherConfig(StrictModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available.")
     num_replicas: int = Field(1, ge=1, description="Teacher replicas (Ray actors); work goes to the least loaded.")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: all cores).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads per replica (default: the cores split among the replicas, and also "
+        "among the student ranks when controller.prefetch_steps > 0, since then they run at the same time).",
+    )
     max_tokens_per_forward: int = Field(8192, ge=1, description="Split micro-batches above this many tokens.")
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
 
@@ -75,7 +78,10 @@ class _StudentCommon(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': cuda when available.")
     mixed_precision: Literal["none", "bf16"] = Field("none", description="bf16 params, fp32 gradient reduction.")
-    num_threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank (default: cores/ranks).")
+    num_threads_per_rank: int | None = Field(
+        None, ge=1, description="torch threads per rank (default: the cores split among the ranks, and also among "
+        "the teacher replicas when controller.prefetch_steps > 0).",
+    )
     teacher_head_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the teacher output head held on each student rank."
     )
@@ -218,10 +224,11 @@ class TeacherCacheConfig(StrictModel):
 class ControllerConfig(StrictModel):
     """How the driver schedules teacher work: prefetch depth, fault handling, placement of the actors."""
 
-    prefetch_steps: int = Field(
-        2, ge=0, description="Future steps of off-policy teacher work kept in flight while the student trains "
+    prefetch_steps: int | None = Field(
+        None, ge=0, description="Future steps of off-policy teacher work kept in flight while the student trains "
         "(0: teacher then student, strictly one after the other). Bounds the object-store use to "
-        "(prefetch_steps + 1) steps of teacher outputs.",
+        "(prefetch_steps + 1) steps of teacher outputs. Default: 2 when the teacher or the student runs on GPUs, 0 "
+        "when both run on CPU cores, where overlapping them only splits the same cores.",
     )
     max_teacher_restarts: int = Field(
         2, ge=0, description="Restarts per teacher replica after it dies; past that it is dropped with a "

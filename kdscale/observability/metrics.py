@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ class MetricsWriter:
         tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` with the wall-clock ``time`` (Unix seconds) at which it was written."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
     def step(self, step: int, metrics: dict[str, Any]) -> None:
         """Record one training step; print its line when due."""
