@@ -122,3 +122,17 @@ class StepLayout:
     @property
     def dp_size(self) -> int:
         return len(self.shards)
+
+
+def require_packed_sequence_support() -> None:
+    """Raise unless this transformers builds block-diagonal masks from restarting position ids (both the hf teacher
+    and the FSDP2 student rely on it for packed micro-batches)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        import transformers
+
+        raise ValueError(
+            f"packed micro-batches need transformers >= 4.54 (attention within each packed sample); this is "
+            f"transformers {transformers.__version__}: upgrade it or set data.packing: false"
+        ) from None

@@ -33,7 +33,7 @@ from kdscale.checkpoint.hf_io import (
     read_model_config,
     resolve_model_path,
 )
-from kdscale.data.batch import MicroBatch, gather_prediction_rows, sample_spans
+from kdscale.data.batch import MicroBatch, gather_prediction_rows, require_packed_sequence_support, sample_spans
 from kdscale.teacher.base import _TRANSPORT_DTYPES, TeacherOutput
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class HFTeacherEngine:
     def _forward_packed(
         self, micro_batch: MicroBatch, input_ids: torch.Tensor, loss_mask: torch.Tensor
     ) -> torch.Tensor:
-        _require_packed_sequence_support()
+        require_packed_sequence_support()
         position_ids = micro_batch.position_ids.to(torch.long)
         pieces = []
         with torch.inference_mode():
@@ -231,19 +231,6 @@ def _packed_pieces(spans: list[tuple[int, int, int]], max_tokens: int | None) ->
                 continue
         pieces.append((row, start, stop))
     return pieces
-
-
-def _require_packed_sequence_support() -> None:
-    """Raise unless this transformers builds block-diagonal masks from restarting position ids."""
-    try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        import transformers
-
-        raise ValueError(
-            f"packed micro-batches need transformers >= 4.54 (attention within each packed sample); this is "
-            f"transformers {transformers.__version__}: upgrade it or set data.packing: false"
-        ) from None
 
 
 def _row_groups(attention_mask: torch.Tensor, loss_mask: torch.Tensor, max_tokens: int | None) -> list[tuple[int, int]]:

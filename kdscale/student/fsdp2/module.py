@@ -23,21 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdscale.data.batch import gather_labels, gather_prediction_rows
+from kdscale.data.batch import gather_labels, gather_prediction_rows, require_packed_sequence_support
 from kdscale.losses import chunked_distill_loss
-
-
-def require_packed_sequence_support() -> None:
-    """Raise unless this transformers builds block-diagonal masks from restarting position ids."""
-    try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        import transformers
-
-        raise ValueError(
-            f"packed micro-batches need transformers >= 4.54 (attention within each packed sample); this is "
-            f"transformers {transformers.__version__}: upgrade it or set data.packing: false"
-        ) from None
 
 
 class DistillationModule(nn.Module):
