@@ -200,6 +200,7 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
         metrics.close()
         ray.get([s.handle.shutdown.remote() for s in students], timeout=cfg.ray.timeout_s)
         pool.shutdown()
+        _kill_all(students, pool)  # their processes end now, also in a cluster that outlives the run
 
     summary = _summarize(cfg, run_dir, total_steps, hf_dir, time.perf_counter() - started)
     log.info(_summary_line(summary))

@@ -50,12 +50,31 @@ def _kill(handle) -> None:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_pair, tiny_data, ray_session):
     """An uninterrupted run: the ledger and loss trajectory every faulty run must reproduce."""
+    import ray
+
     from kdscale.controller.driver import train
 
     tmp_path = tmp_path_factory.mktemp("reference")
     cfg = _config(tmp_path, tiny_pair, tiny_data, "reference")
-    train(cfg)
-    return Path(cfg.run_dir)
+    pids = []
+
+    def remember_pids(step, view):
+        if step == 1:
+            pids.extend(ray.get([h.pid.remote() for h in view.student_handles + view.pool.handles()]))
+
+    train(cfg, on_step_end=remember_pids)
+    run_dir = Path(cfg.run_dir)
+    run_dir.joinpath("actor_pids.json").write_text(json.dumps(pids))
+    return run_dir
+
+
+def test_a_finished_run_leaves_no_actor_process_in_a_shared_cluster(reference_run):
+    pids = json.loads((reference_run / "actor_pids.json").read_text())
+    assert len(pids) == 4  # 2 student ranks, 2 teacher replicas
+    deadline = time.monotonic() + 30
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(pids)
 
 
 def test_prefetch_bounds_the_object_store_and_accounts_every_stage(reference_run, tiny_pair, tiny_data, tmp_path):
