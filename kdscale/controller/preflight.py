@@ -73,6 +73,9 @@ def _check_model_path(label: str, spec: str, problems: list[str]) -> Path | None
 def preflight(cfg: KDConfig) -> list[str]:
     """Every problem of ``cfg`` that can be seen without loading a model; empty when all is well."""
     problems: list[str] = []
+    if cfg.run.max_steps is not None and cfg.optim.warmup_steps > cfg.run.max_steps:
+        problems.append(f"optim.warmup_steps ({cfg.optim.warmup_steps}) exceeds run.max_steps ({cfg.run.max_steps}): "
+                        f"lower optim.warmup_steps to at most {cfg.run.max_steps}")
     for label, value in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
         if value is not None and not Path(value).is_file():
             problems.append(f"{label}: file {value!r} does not exist")

@@ -133,3 +133,13 @@ def test_missing_config_file_is_one_line(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_warmup_longer_than_the_run_is_a_preflight_problem():
+    from kdscale.config.load import load_config
+    from kdscale.controller.preflight import preflight
+
+    cfg = load_config(None, ["teacher.engine=hf", "teacher.model_path=t", "student.backend=fsdp2",
+                             "student.model_path=s", "data.train_path=d.jsonl", "run.max_steps=2",
+                             "optim.warmup_steps=4"])
+    assert any("optim.warmup_steps (4) exceeds run.max_steps (2)" in p for p in preflight(cfg))
