@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
     convert.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the converter")
+    launch = sub.add_parser(
+        "launch", help="write (and optionally submit) the launch file of a multi-node run (see `kdscale launch slurm -h`)"
+    )
+    launch.add_argument("scheduler", choices=["slurm"])
+    launch.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the launcher")
     report = sub.add_parser(
         "report",
         help="per-stage time summary of a run (teacher, wait, transfer, student) and <run_dir>/stages.png",
@@ -83,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "convert":
         return cmd_convert(args.direction, args.args)
+    if args.command == "launch":
+        from kdscale.launch.slurm import main as slurm_main
+
+        return run_cli("kdscale launch slurm", lambda: slurm_main(args.args))
     if args.command == "report":
         return run_cli(
             "kdscale report",
