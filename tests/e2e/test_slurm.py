@@ -1,6 +1,7 @@
 """A real Slurm: the shortened quickstart submitted with `kdscale launch slurm --submit` to a one-node cluster on
-localhost, and a cancelled job. Opt-in (KDSCALE_TEST_SLURM=1), after `bash tools/dev/slurm_local.sh` (root; installs
-slurmctld, slurmd and munge from Debian's packages and starts them)."""
+localhost, and a cancelled job. Opt-in (KDSCALE_TEST_SLURM=1; root): the module first runs
+`bash tools/dev/slurm_local.sh start`, which installs slurmctld, slurmd and munge from Debian's packages if missing,
+configures the node and starts the daemons."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ pytestmark = [
                        reason="opt-in: bash tools/dev/slurm_local.sh, then KDSCALE_TEST_SLURM=1"),
 ]
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_slurm():
+    """Install Slurm from Debian's packages if missing and start the one-node cluster (a no-op when it runs)."""
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "dev" / "slurm_local.sh"), "start"], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _submit(tmp_path: Path, capsys, *overrides: str) -> tuple[str, Path]:
