@@ -15,12 +15,12 @@ from kdscale.launch.slurm import SlurmJob, check_fits, generic_job, render_sbatc
 ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_SRUN = """#!/usr/bin/env bash
+trap 'echo "stopped $*" >> "$LOG"; exit 0' TERM
 echo "srun $*" >> "$LOG"
 args=("$@")
 for i in "${!args[@]}"; do
   if [[ "${args[$i]}" == "hostname" ]]; then echo "10.0.0.1"; exit 0; fi
   if [[ "${args[$i]}" == "start" ]]; then
-    trap 'echo "stopped $*" >> "$LOG"; exit 0' TERM
     while true; do sleep 0.1; done
   fi
 done
@@ -28,7 +28,14 @@ exit 0
 """
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$LOG"
-if [[ "$1" == "-" ]]; then cat > /dev/null; fi
+if [[ "$1" == "-" ]]; then  # the wait for the nodes: like Ray's, it returns once every node's start step runs
+  cat > /dev/null
+  for _ in $(seq 100); do
+    [[ $(grep -c " start " "$LOG") -ge 4 ]] && exit 0
+    sleep 0.1
+  done
+  exit 1
+fi
 exit "${TRAIN_STATUS:-0}"
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
@@ -113,3 +120,12 @@ def test_cli_writes_the_file_and_refuses_a_submit_without_sbatch(tmp_path, capsy
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     assert main(["launch", "slurm", "configs/quickstart.yaml", "--nodes", "1", "--out", str(out), "--submit"]) == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
+
+
+def test_local_launcher_explains_its_usage():
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage: bash launch/local.sh CONFIG" in proc.stderr
+    env = {**os.environ, "KDSCALE_VENV": "/nonexistent-venv"}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "configs/quickstart.yaml"], capture_output=True,
+                          text=True, timeout=30, env=env)
+    assert proc.returncode == 2 and "run bash tools/dev/install.sh first" in proc.stderr
