@@ -1,5 +1,5 @@
-"""The ``kdscale`` command line: train, validate, convert, report. Thin: parses arguments, calls the packages, turns user errors
-into one clear message and exit code 2 (no traceback)."""
+"""The ``kdscale`` command line: train, validate, convert, report, probe-teacher. Thin: parses arguments, calls the
+packages, turns user errors into one clear message and exit code 2 (no traceback)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--json", action="store_true", help="print the summary as JSON")
     report.add_argument("--no-plot", action="store_true", help="do not write <run_dir>/stages.png")
+    probe = sub.add_parser(
+        "probe-teacher",
+        help="compare the configured teacher engine with the float32 Hugging Face reference on a few sequences "
+        "(per-token KL, top-1 agreement)",
+    )
+    probe.add_argument("config", help="YAML run config (see configs/)")
+    probe.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    probe.add_argument("--num-sequences", type=int, default=4, metavar="N", help="sequences to probe (default 4)")
+    probe.add_argument(
+        "--max-tokens", type=int, default=256, metavar="T", help="cut each sequence to T tokens (default 256)"
+    )
+    probe.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    probe.add_argument(
+        "--max-mean-kl", type=float, metavar="X", help="exit with code 1 if the mean KL over all tokens exceeds X nats"
+    )
     return parser
 
 
@@ -84,6 +99,46 @@ def cmd_report(run_dir: str, *, skip_first: int, as_json: bool, plot: bool) -> i
     return 0
 
 
+def cmd_probe_teacher(
+    config: str,
+    overrides: list[str],
+    *,
+    num_sequences: int,
+    max_tokens: int,
+    json_path: str | None,
+    max_mean_kl: float | None,
+) -> int:
+    import json
+    import math
+    import os
+    from pathlib import Path
+
+    from kdscale.cli_errors import RunFailed
+    from kdscale.config.load import load_config
+    from kdscale.observability.logging import quiet_third_party
+    from kdscale.teacher.probe import format_probe_table, probe_teacher
+
+    if max_mean_kl is not None and not max_mean_kl >= 0:
+        raise ValueError(f"--max-mean-kl must be >= 0, got {max_mean_kl}")
+    quiet_third_party()
+    cfg = load_config(config, overrides)
+    result = probe_teacher(cfg, num_sequences=num_sequences, max_tokens=max_tokens)
+    print(format_probe_table(result))
+    if json_path is not None:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(path)
+    mean_kl = result["all"]["mean_kl"]
+    if max_mean_kl is not None and not (math.isfinite(mean_kl) and mean_kl <= max_mean_kl):
+        raise RunFailed(
+            f"the teacher engine's mean KL from the reference, {mean_kl:.3e} nats/token, exceeds --max-mean-kl "
+            f"{max_mean_kl:g}: check teacher.dtype / quantization before a long run"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "convert":
@@ -96,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(
             "kdscale report",
             lambda: cmd_report(args.run_dir, skip_first=args.skip_first, as_json=args.json, plot=not args.no_plot),
+        )
+    if args.command == "probe-teacher":
+        return run_cli(
+            "kdscale probe-teacher",
+            lambda: cmd_probe_teacher(
+                args.config,
+                args.overrides,
+                num_sequences=args.num_sequences,
+                max_tokens=args.max_tokens,
+                json_path=args.json,
+                max_mean_kl=args.max_mean_kl,
+            ),
         )
     command = {"train": cmd_train, "validate": cmd_validate}[args.command]
     return run_cli(f"kdscale {args.command}", lambda: command(args.config, args.overrides))
