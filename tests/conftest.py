@@ -13,6 +13,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# SGLang's CPU engine needs import-only stand-ins for two GPU-only packages (tools/dev/sglang_cpu_shims); set before
+# any Ray cluster starts, so that teacher replicas inherit it.
+os.environ.setdefault(
+    "KDSCALE_SGLANG_SHIMS", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         "tools", "dev", "sglang_cpu_shims"),
+)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ messages. Cross-checks against the files on disk live in ``kdscale.config.checks
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -63,8 +63,65 @@ class HFTeacherConfig(StrictModel):
     max_tokens_per_forward: int = Field(8192, ge=1, description="Split micro-batches above this many tokens.")
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
 
+    @property
+    def gpus_per_replica(self) -> int:
+        return 1
 
-TeacherConfig = Annotated[Union[HFTeacherConfig], Field(discriminator="engine")]  # noqa: UP007
+
+class SGLangTeacherConfig(StrictModel):
+    """Teacher engine ``sglang``: an offline ``sglang.Engine`` per replica (supported: SGLang 0.5.23 to < 0.6).
+
+    Each replica is one Ray actor owning one SGLang engine (its scheduler and detokenizer are child processes) on
+    tp_size x dp_size GPUs. Requests carry token ids; final-norm hidden states come back as numpy arrays through a
+    patch of SGLang's prefill result path (``kdscale.teacher.sglang_engine``).
+    """
+
+    engine: Literal["sglang"]
+    model_path: str = Field(
+        description="HF model directory, a .gguf file, or pkg://<package>/<file> (a GGUF is converted once)."
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights and compute dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto': cuda when available. 'cpu' needs SGLang's CPU engine (tools/dev/install_sglang_cpu.sh)."
+    )
+    num_replicas: int = Field(1, ge=1, description="Engines (Ray actors); work goes to the least loaded.")
+    tp_size: int = Field(1, ge=1, description="Tensor parallelism inside one engine.")
+    dp_size: int = Field(1, ge=1, description="Data parallelism inside one engine (its GPUs = tp_size x dp_size).")
+    ep_size: int = Field(1, ge=1, description="Expert parallelism of MoE layers (within the tp_size x dp_size GPUs).")
+    mem_fraction_static: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of GPU memory for weights and KV cache (SGLang's default if unset)."
+    )
+    quantization: str | None = Field(None, description="e.g. 'fp8', 'w8a8_fp8', 'modelopt_fp8' (GPU only).")
+    kv_cache_dtype: str = Field("auto", description="e.g. 'fp8_e4m3' (GPU only).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other sglang ServerArgs field, passed through (checked at start: an "
+        "unknown name, or one kdscale sets itself, is an error).",
+    )
+    sleep_between_steps: bool | None = Field(
+        None, description="Release the engine's GPU memory (weights and KV cache) while the student trains and "
+        "resume it before the next teacher work (release/resume_memory_occupation). Default: on when teacher and "
+        "student share GPUs (controller.placement colocated); forces controller.prefetch_steps to 0.",
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU engine only: OpenMP threads of the scheduler (default: as the hf engine).",
+    )
+    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for an engine to start.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest wait for one micro-batch's hidden states.")
+
+    @model_validator(mode="after")
+    def _ep_fits(self):
+        if (self.tp_size * self.dp_size) % self.ep_size:
+            raise ValueError(
+                f"teacher.ep_size={self.ep_size} must divide tp_size x dp_size = {self.tp_size * self.dp_size}"
+            )
+        return self
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tp_size * self.dp_size
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, SGLangTeacherConfig], Field(discriminator="engine")]  # noqa: UP007
 
 
 class _StudentCommon(StrictModel):

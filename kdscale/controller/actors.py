@@ -24,9 +24,10 @@ def _set_threads(num_threads: int | None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(num_threads)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, concurrency_groups={"health": 1})
 class TeacherReplica:
-    """One teacher engine in its own process."""
+    """One teacher engine in its own process. ``ping`` runs in its own thread (concurrency group "health"), so a
+    health check answers while a forward is running."""
 
     def __init__(self, engine: str, engine_kwargs: dict[str, Any], num_threads: int | None = None):
         from kdscale.observability.logging import quiet_third_party
@@ -48,7 +49,16 @@ class TeacherReplica:
         """Hidden states of one micro-batch's prediction positions, put in the object store (and written to the
         teacher-output cache when ``cache_spec`` is given); returns the ref and what it cost."""
         start = time.perf_counter()
-        output = self.engine.forward(micro_batch)
+        try:
+            output = self.engine.forward(micro_batch)
+        except Exception as exc:
+            if getattr(exc, "dead", False):  # the engine's processes are gone: let the pool restart this replica
+                import sys
+
+                print(f"teacher engine died: {exc}; exiting so that the replica is restarted", file=sys.stderr)
+                self.engine.shutdown()
+                os._exit(1)
+            raise
         seconds = time.perf_counter() - start
         cache_bytes = 0
         if cache_spec is not None:
@@ -58,8 +68,20 @@ class TeacherReplica:
         return {"ref": self.channel.put(output), "seconds": seconds, "num_tokens": micro_batch.num_tokens,
                 "nbytes": output.nbytes, "cache_bytes": cache_bytes}
 
-    def ping(self) -> bool:
-        return True
+    @ray.method(concurrency_group="health")
+    def ping(self) -> dict[str, Any]:
+        """The engine's health (``{"healthy": bool, ...}``); engines without a check are healthy while alive."""
+        health = getattr(self.engine, "health", None)
+        return health() if callable(health) else {"healthy": True}
+
+    def sleep(self) -> None:
+        """Release the engine's accelerator memory until ``wake`` (engines without it: nothing to do)."""
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+
+    def wake(self) -> None:
+        if hasattr(self.engine, "wake"):
+            self.engine.wake()
 
     def pid(self) -> int:
         return os.getpid()

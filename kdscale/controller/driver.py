@@ -36,6 +36,7 @@ from kdscale.data.batch import StepLayout
 from kdscale.observability.logging import get_logger
 from kdscale.observability.metrics import MetricsWriter, read_metrics
 from kdscale.observability.plot import plot_loss_curve
+from kdscale.teacher import engine_kwargs, numerics_settings
 
 
 @dataclass
@@ -120,7 +121,8 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
         students = _start_students(cfg, models, total_steps, plan)
         consumer_nodes = _consumer_nodes(students, cfg.student.dp_size)
         _open_cache(cfg, models, pool)
-        prefetch_steps = _prefetch_steps(cfg)
+        prefetch_steps = _prefetch_steps(cfg, plan)
+        sleep_between_steps = _sleep_between_steps(cfg, plan)
         start_step = 0
         if resume_from is not None:
             state = run_checkpoints.read_state(resume_from)
@@ -152,6 +154,8 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
             next_to_plan = start_step + 1
             for step in range(start_step + 1, total_steps + 1):
                 step_start = time.perf_counter()
+                if sleep_between_steps:
+                    pool.set_awake(True)
                 while next_to_plan <= min(step + prefetch_steps, total_steps):
                     position = (sampler.epoch, sampler.step_in_epoch)
                     epoch, indices = sampler.next_step()
@@ -163,6 +167,9 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
                 assert current.step == step
                 inflight_bytes = pool.inflight_bytes()
                 resubmitted_before = pool.num_resubmitted
+                if sleep_between_steps:  # the teacher's memory goes back to the student while it trains
+                    pool.wait([k for shard in current.keys for k in shard])
+                    pool.set_awake(False)
                 results, teacher, teacher_wait_s = _train_step(students, pool, current, cfg)
                 pool.release(k for shard in current.keys for k in shard)
                 last_position = sampler.position_after(current.epoch, current.step_in_epoch)
@@ -262,7 +269,7 @@ def _load_datasets(cfg: KDConfig, models: PreparedModels) -> tuple[list, list]:
 
 def _plan(cfg: KDConfig) -> PlacementPlan:
     """Where each teacher replica and student rank goes (see kdscale.controller.placement)."""
-    teacher_gpus = 1 if _device(cfg.teacher.device) == "cuda" else 0
+    teacher_gpus = cfg.teacher.gpus_per_replica if _device(cfg.teacher.device) == "cuda" else 0
     student_gpus = 1 if _device(cfg.student.device) == "cuda" else 0
     nodes = cluster_nodes()
     plan = plan_placement(
@@ -278,15 +285,10 @@ def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan) 
 
     t = cfg.teacher
     device = _device(t.device)
-    kwargs = {
-        "model_path": str(models.teacher_dir),
-        "dtype": t.dtype,
-        "transport_dtype": cfg.transport.dtype,
-        "attn_implementation": t.attn_implementation,
-        "max_tokens_per_forward": t.max_tokens_per_forward,
-        "device": device,
-    }
     threads = t.num_threads or _default_threads(cfg, "teacher")
+    kwargs = engine_kwargs(t, model_dir=str(models.teacher_dir), transport_dtype=cfg.transport.dtype, device=device,
+                           num_threads=t.num_threads if t.engine == "sglang" else threads, seed=cfg.run.seed,
+                           sleep_between_steps=_sleep_between_steps(cfg, plan))
 
     def make_replica(index: int):
         return TeacherReplica.options(**plan.actor_options(plan.teachers[index])).remote(t.engine, kwargs, threads)
@@ -297,7 +299,8 @@ def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan) 
     )
     pool.start()
     get_logger().info(f"{t.num_replicas} teacher replica(s) ready ({t.engine}: {models.teacher_dir}, {threads} "
-                      f"thread(s) each on CPU); prefetch {_prefetch_steps(cfg)} step(s)")
+                      f"thread(s) each on CPU); prefetch {_prefetch_steps(cfg, plan)} step(s)"
+                      + ("; the teacher sleeps while the student trains" if _sleep_between_steps(cfg, plan) else ""))
     return pool
 
 
@@ -339,10 +342,23 @@ def _kill_all(students: list[_Student], pool: TeacherPool) -> None:
             pass
 
 
-def _prefetch_steps(cfg: KDConfig) -> int:
+def _sleep_between_steps(cfg: KDConfig, plan: PlacementPlan | None = None) -> bool:
+    """teacher.sleep_between_steps (sglang), or its default: on when teacher replicas and student ranks share GPUs."""
+    setting = getattr(cfg.teacher, "sleep_between_steps", False)
+    if setting is not None:
+        return bool(setting)
+    return plan is not None and plan.mode == "colocated" and _device(cfg.teacher.device) == "cuda"
+
+
+def _prefetch_steps(cfg: KDConfig, plan: PlacementPlan | None = None) -> int:
     """controller.prefetch_steps, or its default: 2 when a GPU does either side's work, 0 when both share CPU cores
     (measured on the 2-core quickstart: overlapping them split the cores and ran 14% slower than one after the
-    other)."""
+    other). Always 0 while the teacher sleeps between steps (its memory is released while the student trains)."""
+    if _sleep_between_steps(cfg, plan):
+        if cfg.controller.prefetch_steps:
+            get_logger().warning(f"controller.prefetch_steps={cfg.controller.prefetch_steps} ignored: the teacher "
+                                 "sleeps between steps (teacher.sleep_between_steps), so it cannot work ahead")
+        return 0
     if cfg.controller.prefetch_steps is not None:
         return cfg.controller.prefetch_steps
     on_gpu = "cuda" in (_device(cfg.teacher.device), _device(cfg.student.device))
@@ -376,7 +392,7 @@ def _open_cache(cfg: KDConfig, models: PreparedModels, pool: TeacherPool) -> Non
         return
     from kdscale.teacher.cache import TeacherOutputCache, data_fingerprint, teacher_fingerprint
 
-    settings = {"dtype": cfg.teacher.dtype, "attn_implementation": cfg.teacher.attn_implementation}
+    settings = numerics_settings(cfg.teacher)
     root = Path(cfg.teacher_cache.dir.replace("{cache_dir}", cfg.run.cache_dir))
     pool.cache = TeacherOutputCache.open(
         root,

@@ -17,6 +17,10 @@ Design:
   ``max_restarts`` times; past that it is dropped with a warning) and re-sends every unreleased piece of work it
   owned. Work is keyed, and a key is trained only once its step's ranks all resolved their refs, so nothing is
   lost and nothing is trained twice.
+- Health: a replica's ``ping`` runs in its own thread and reports its engine's health (e.g. SGLang's processes
+  alive). While a wait makes no progress, the replicas it waits on are pinged every ``health_check_s``; an
+  unhealthy or unresponsive one is replaced like a dead one, so a hung engine does not stall the run until
+  ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class TeacherPool:
         max_restarts: int = 2,
         cache: Any = None,
         max_tokens_per_micro_batch: int = 0,
+        health_check_s: float = 30.0,
     ) -> None:
         self._make_replica = make_replica
         self.num_replicas = num_replicas
@@ -101,6 +106,8 @@ class TeacherPool:
         self._results: dict[WorkKey, TeacherResult] = {}
         self.num_resubmitted = 0
         self.num_restarts = 0
+        self.health_check_s = health_check_s
+        self._last_health_check = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,6 +188,29 @@ class TeacherPool:
         self.num_resubmitted += count
         return count
 
+    def set_awake(self, awake: bool) -> None:
+        """Wake every live replica (before teacher work) or put it to sleep (while the student trains), releasing
+        its accelerator memory (``teacher.sleep_between_steps``)."""
+        calls = [(r.handle.wake if awake else r.handle.sleep).remote() for r in self.replicas if r.alive]
+        try:
+            ray.get(calls, timeout=self.timeout_s)
+        except ray.exceptions.RayActorError:
+            pass  # a dead replica is found, restarted and its work re-sent when its outputs are waited for
+        except TimeoutError as exc:
+            raise TeacherPoolError(
+                f"teacher replicas did not {'wake' if awake else 'sleep'} within ray.timeout_s={self.timeout_s:.0f}s"
+            ) from exc
+
+    def check_health(self, indices: Iterable[int] | None = None) -> list[int]:
+        """Ping the live replicas (all, or ``indices``); restart (or drop) the unhealthy or unresponsive ones and
+        re-send their work. Returns the indices replaced."""
+        replaced = []
+        for replica in [self.replicas[i] for i in (indices if indices is not None else range(len(self.replicas)))]:
+            if replica.alive and not self._is_alive(replica):
+                self._replace(replica, reason="it failed its health check")
+                replaced.append(replica.index)
+        return replaced
+
     def inflight_bytes(self) -> int:
         """Bytes of finished, unreleased teacher outputs in the object store (cache hits excluded)."""
         return sum(r.nbytes for r in self._results.values() if r.replica is not None)
@@ -229,6 +259,9 @@ class TeacherPool:
             )
         ready, _ = ray.wait(pending, num_returns=1, timeout=min(remaining, 5.0))
         if not ready:
+            if time.monotonic() - self._last_health_check >= self.health_check_s:
+                self._last_health_check = time.monotonic()
+                self.check_health(sorted({self._calls[k][1] for k in self._calls if self._calls[k][0] in pending}))
             return
         all_calls = [call for call, _ in self._calls.values()]
         done, _ = ray.wait(all_calls, num_returns=len(all_calls), timeout=0)
@@ -259,10 +292,13 @@ class TeacherPool:
         if not replica.alive:
             return False
         try:
-            ray.get(replica.handle.ping.remote(), timeout=min(self.timeout_s, 60))
-            return True
+            health = ray.get(replica.handle.ping.remote(), timeout=min(self.timeout_s, 60))
         except (ray.exceptions.RayError, TimeoutError):
             return False
+        if isinstance(health, dict) and not health.get("healthy", True):
+            self.log.warning(f"teacher replica {replica.index} is unhealthy: {health.get('reason', health)}")
+            return False
+        return True
 
     def _replace(self, replica: _Replica, *, reason: str) -> None:
         """The replica died: restart it (or drop it) and re-send all unreleased work it owned."""

@@ -169,7 +169,7 @@ def check_fits(job: SlurmJob) -> str:
     uses_gpus = cfg.student.device == "cuda" or cfg.teacher.device == "cuda" or (
         job.gpus_per_node > 0 and "auto" in (cfg.student.device, cfg.teacher.device))
     plan = plan_placement(
-        nodes, num_teachers=cfg.teacher.num_replicas, teacher_gpus=1 if uses_gpus else 0,
+        nodes, num_teachers=cfg.teacher.num_replicas, teacher_gpus=cfg.teacher.gpus_per_replica if uses_gpus else 0,
         num_students=cfg.student.world_size, student_gpus=1 if uses_gpus else 0, mode=cfg.controller.placement,
     )
     return plan.describe(nodes)

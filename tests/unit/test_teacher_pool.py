@@ -145,3 +145,59 @@ def test_a_key_is_submitted_once(ray_session):
         pool.submit([TeacherWork(("s", 0), _mb(4))])
     pool.release([("s", 0)])
     pool.shutdown()
+
+
+@ray.remote(num_cpus=0, concurrency_groups={"health": 1})
+class HangingReplica:
+    """Its first life hangs in forward and reports itself unhealthy (as an SGLang engine whose scheduler died
+    would); restarted, it answers. Records sleep/wake calls."""
+
+    def __init__(self, index: int, hang: bool):
+        self.index, self.hang, self.calls = index, hang, []
+
+    def start(self):
+        return {"hidden_size": 2, "node_id": "n0"}
+
+    def forward(self, micro_batch, cache_spec=None):
+        import time
+
+        if self.hang:
+            time.sleep(3600)
+        array = np.full((micro_batch.num_loss_tokens, 2), self.index, dtype=np.float32)
+        return {"ref": ray.put(array), "seconds": 0.0, "num_tokens": micro_batch.num_tokens, "nbytes": array.nbytes}
+
+    @ray.method(concurrency_group="health")
+    def ping(self):
+        return {"healthy": not self.hang, "reason": "engine process(es) [123] exited"}
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+    def wake(self):
+        self.calls.append("wake")
+
+    def recorded(self):
+        return self.calls
+
+    def shutdown(self):
+        return None
+
+
+def test_an_unhealthy_replica_is_replaced_while_its_work_hangs(ray_session):
+    lives = []
+
+    def make(index):
+        lives.append(index)
+        return HangingReplica.remote(index, hang=len(lives) == 1)
+
+    pool = TeacherPool(make, 1, timeout_s=120.0, max_restarts=1, health_check_s=1.0)
+    pool.start()
+    works = [TeacherWork(("s", i), _mb(8)) for i in range(2)]
+    pool.submit(works)
+    results = pool.wait([w.key for w in works])  # would hang for the timeout without the health check
+    assert len(lives) == 2 and pool.num_restarts == 1 and pool.num_resubmitted == 2
+    assert [r.num_tokens for r in results] == [8, 8]
+    pool.set_awake(False)
+    pool.set_awake(True)
+    assert ray.get(pool.handles()[0].recorded.remote()) == ["sleep", "wake"]
+    pool.shutdown()
