@@ -57,7 +57,10 @@ class TeacherOutput:
 
 
 class TeacherEngine(Protocol):
-    """A teacher inference engine. Implementations: ``hf`` (transformers), ``sglang`` (later)."""
+    """A teacher inference engine. Implementations: ``hf`` (transformers), ``sglang`` (SGLang offline engines).
+
+    Optional: ``health() -> dict`` (``{"healthy": bool, ...}``, safe to call from another thread), ``sleep()`` and
+    ``wake()`` (release and resume accelerator memory between steps)."""
 
     def start(self) -> None:
         """Load the model; idempotent."""

@@ -653,3 +653,12 @@ def _shutdown_engine(engine: Any) -> None:
         engine.shutdown()
     finally:
         engine_module.kill_process_tree = original
+        # The load-snapshot reader of this process can re-create its /dev/shm file from a late message of the
+        # dying scheduler (it opens writers with O_CREAT): close it before that file is removed.
+        reader = getattr(getattr(engine, "tokenizer_manager", None), "load_snapshot_reader", None)
+        close = getattr(reader, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - best effort: the file is removed next either way
+                pass

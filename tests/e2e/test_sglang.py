@@ -179,7 +179,7 @@ def test_health_sleep_wake_and_timeout(sglang_engine, real_batches, hf_outputs):
     assert sglang_engine.forward(real_batches[0]).num_tokens == hf_outputs["float32"][0].shape[0]  # still serving
 
 
-def _short_run(engine: str, out_dir: Path, cache_dir: Path):
+def _short_run(engine: str, out_dir: Path, cache_dir: Path, extra: tuple[str, ...] = ()):
     from kdscale.config.load import load_config
     from kdscale.controller.driver import train
 
@@ -188,7 +188,7 @@ def _short_run(engine: str, out_dir: Path, cache_dir: Path):
         [f"run.output_dir={out_dir}", f"run.cache_dir={cache_dir}", "run.max_steps=3", "run.save_every=0",
          "run.progress_bar=false", "run.export_hf=false", "run.plot=false", "run.eval_every=0",
          "data.max_eval_samples=8", "optim.warmup_steps=1", f"teacher.engine={engine}", "teacher.dtype=bfloat16",
-         "teacher.device=cpu"],
+         "teacher.device=cpu", *extra],
     )
     summary = train(cfg)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -200,7 +200,9 @@ def test_distillation_with_sglang_matches_hf(tmp_path, smollm2_cache_dir, ray_se
     monkeypatch.chdir(REPO)
     shm_before = _shm_files()
     hf_summary, hf_losses = _short_run("hf", tmp_path / "hf", smollm2_cache_dir)
-    sgl_summary, sgl_losses = _short_run("sglang", tmp_path / "sglang", smollm2_cache_dir)
+    # sleep_between_steps: the driver's sleep/wake path around every step (no-ops in SGLang's CPU engine)
+    sgl_summary, sgl_losses = _short_run("sglang", tmp_path / "sglang", smollm2_cache_dir,
+                                         ("teacher.sleep_between_steps=true",))
     assert len(hf_losses) == len(sgl_losses) == 3
     for step, (a, b) in enumerate(zip(hf_losses, sgl_losses), start=1):
         assert abs(a - b) <= 0.02 * abs(a) + 0.01, (step, hf_losses, sgl_losses)
