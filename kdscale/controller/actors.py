@@ -41,9 +41,10 @@ class TeacherReplica:
         self.channel = RayObjectStoreChannel()
 
     def start(self) -> dict[str, Any]:
-        """Load the model; returns the hidden size and this actor's node id."""
+        """Load the model; returns the hidden size, this actor's node id and pid."""
         self.engine.start()
-        return {"hidden_size": self.engine.hidden_size, "node_id": ray.get_runtime_context().get_node_id()}
+        return {"hidden_size": self.engine.hidden_size, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
 
     def forward(self, micro_batch, cache_spec=None) -> dict[str, Any]:
         """Hidden states of one micro-batch's prediction positions, put in the object store (and written to the

@@ -297,6 +297,7 @@ def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan) 
         make_replica, t.num_replicas, timeout_s=cfg.ray.timeout_s, max_restarts=cfg.controller.max_teacher_restarts,
         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
     )
+    pool.engine = t.engine
     pool.start()
     get_logger().info(f"{t.num_replicas} teacher replica(s) ready ({t.engine}: {models.teacher_dir}, {threads} "
                       f"thread(s) each on CPU); prefetch {_prefetch_steps(cfg, plan)} step(s)"
@@ -340,6 +341,23 @@ def _kill_all(students: list[_Student], pool: TeacherPool) -> None:
             ray.kill(handle, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead
             pass
+    if pool.engine == "sglang":
+        here = ray.get_runtime_context().get_node_id()
+        _sweep_sglang_files([r.pid for r in pool.replicas if r.pid is not None and r.node_id == here])
+
+
+def _sweep_sglang_files(pids: list[int], wait_s: float = 10.0) -> None:
+    """Once the killed replicas on this node have exited, remove the /dev/shm files their SGLang engines left (a
+    replica that shut down cleanly left none; one killed mid-run, or on another node, is swept by the next engine
+    that starts there)."""
+    import psutil
+
+    from kdscale.teacher.sglang_engine import sweep_dead_engine_files
+
+    deadline = time.monotonic() + wait_s
+    while any(psutil.pid_exists(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sweep_dead_engine_files()
 
 
 def _sleep_between_steps(cfg: KDConfig, plan: PlacementPlan | None = None) -> bool:

@@ -132,7 +132,40 @@ def preflight(cfg: KDConfig) -> list[str]:
             problems.append(f"student.device=cuda with {ranks} student rank(s) needs {ranks} GPUs; {gpus} found")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
         problems.append(f"run.resume: checkpoint directory {cfg.run.resume!r} does not exist ('auto', 'never' or a path)")
+    if cfg.teacher.engine == "sglang":
+        problems.extend(_sglang_problems(cfg))
     return problems
+
+
+def _sglang_problems(cfg: KDConfig) -> list[str]:
+    """SGLang installed in the supported range (package metadata only: importing SGLang takes ~15 s), and on CPU
+    the import shims named."""
+    import importlib.metadata
+    import os
+
+    from kdscale.teacher.sglang_engine import _MAX_VERSION, _MIN_VERSION, SUPPORTED_SGLANG, _version_tuple
+
+    supported = ",".join(SUPPORTED_SGLANG)
+    cpu = cfg.teacher.device == "cpu" or (cfg.teacher.device == "auto" and not _cuda_available())
+    try:
+        version = importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        fix = ("run tools/dev/install_sglang_cpu.sh (CPU-only machine)" if cpu
+               else f"pip install 'sglang{supported}' (or pip install -e '.[sglang]')")
+        return [f"teacher.engine=sglang but SGLang is not installed: {fix}, or use teacher.engine=hf"]
+    if not _MIN_VERSION <= _version_tuple(version) < _MAX_VERSION:
+        return [f"teacher.engine=sglang: SGLang {version} is installed; kdscale supports {supported}"]
+    shims = os.environ.get("KDSCALE_SGLANG_SHIMS")
+    if cpu and cfg.ray.address is None and not (shims and Path(shims).is_dir()):
+        return ["teacher.engine=sglang on CPU needs SGLang's CPU import shims: export "
+                "KDSCALE_SGLANG_SHIMS=<kdscale checkout>/tools/dev/sglang_cpu_shims (see README, SGLang teacher)"]
+    return []
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _megatron_layout_problems(student_cfg, student: ModelInfo, num_layers: int | None) -> list[str]:

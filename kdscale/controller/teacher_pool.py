@@ -72,6 +72,7 @@ class _Replica:
     index: int
     handle: Any
     node_id: str | None
+    pid: int | None = None
     restarts: int = 0
     alive: bool = True
     load_tokens: int = 0
@@ -107,6 +108,7 @@ class TeacherPool:
         self.num_resubmitted = 0
         self.num_restarts = 0
         self.health_check_s = health_check_s
+        self.engine: str | None = None  # the engine name, for engine-specific cleanup by the driver
         self._last_health_check = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -116,7 +118,7 @@ class TeacherPool:
         handles = [self._make_replica(i) for i in range(self.num_replicas)]
         infos = ray.get([h.start.remote() for h in handles], timeout=self.timeout_s)
         for index, (handle, info) in enumerate(zip(handles, infos)):
-            self.replicas.append(_Replica(index, handle, info["node_id"]))
+            self.replicas.append(_Replica(index, handle, info["node_id"], pid=info.get("pid")))
         self.hidden_size = infos[0]["hidden_size"]
 
     def shutdown(self) -> None:
@@ -322,6 +324,7 @@ class TeacherPool:
                 handle = self._make_replica(replica.index)
                 info = ray.get(handle.start.remote(), timeout=self.timeout_s)
                 replica.handle, replica.node_id, replica.alive = handle, info["node_id"], True
+                replica.pid = info.get("pid")
                 replica.restarts += 1
                 self.num_restarts += 1
             except (ray.exceptions.RayError, TimeoutError) as exc:

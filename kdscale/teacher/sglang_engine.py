@@ -343,6 +343,7 @@ class SGLangTeacherEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._shm_paths: list[Path] = []
         self._start_semaphores: set[str] = set()  # sem.mp-* files that appeared while the engine started
+        self._marker: Path | None = None  # lists those files for sweep_dead_engine_files if this process dies
         self._children: list[Any] = []  # psutil.Process of the engine's processes
         self.version: str | None = None
         self.asleep = False
@@ -387,6 +388,7 @@ class SGLangTeacherEngine:
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
+        sweep_dead_engine_files()
         before = {p.pid for p in _engine_children()}
         shm_before = _shm_names()
         # SGLang's child processes die with the THREAD that started them (PR_SET_PDEATHSIG), so one long-lived
@@ -413,6 +415,7 @@ class SGLangTeacherEngine:
             from sglang.srt.managers.load_snapshot import shm_path_for
 
             self._shm_paths.append(Path(shm_path_for(instance_id)))
+        self._marker = _write_marker(self._shm_paths, self._start_semaphores)
         logger.info(f"sglang {self.version} teacher up in {time.monotonic() - started:.0f}s: {self.model_path} "
                     f"({self.dtype}, {self.device}, tp={self._kwargs['tp_size']} dp={self._kwargs['dp_size']})")
 
@@ -441,7 +444,9 @@ class SGLangTeacherEngine:
         for path in self._shm_paths:
             path.unlink(missing_ok=True)
         _remove_dead_semaphores(self._start_semaphores)
-        self._children, self._shm_paths, self._start_semaphores = [], [], set()
+        if self._marker is not None:
+            self._marker.unlink(missing_ok=True)
+        self._children, self._shm_paths, self._start_semaphores, self._marker = [], [], set(), None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -626,6 +631,52 @@ def _remove_dead_semaphores(names: set[str]) -> None:
             held.add("sem." + name.lstrip("/"))
     for name in names - held:
         (_SHM_DIR / name).unlink(missing_ok=True)
+
+
+def _marker_dir() -> Path:
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "kdscale-sglang-engines"
+
+
+def _write_marker(shm_paths: list[Path], semaphores: set[str]) -> Path:
+    """Record this engine's /dev/shm files under the owning process's pid (removed at a clean shutdown)."""
+    import json
+
+    directory = _marker_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / f"{os.getpid()}-{time.time_ns()}.json"
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "files": [str(p) for p in shm_paths]
+                               + [str(_SHM_DIR / n) for n in sorted(semaphores)]}))
+    tmp.replace(marker)
+    return marker
+
+
+def sweep_dead_engine_files() -> int:
+    """Remove the /dev/shm files of kdscale SGLang engines whose owning process died without a clean shutdown
+    (a replica killed by SIGKILL, or ended by SGLang's watchdog when its scheduler crashed). Only files recorded by
+    such an engine are touched; returns how many were removed. Runs when an engine starts (so a restarted replica
+    cleans up after the one it replaces) and at the end of a run."""
+    import json
+
+    import psutil
+
+    removed = 0
+    for marker in sorted(_marker_dir().glob("*.json")) if _marker_dir().is_dir() else []:
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if psutil.pid_exists(int(record.get("pid", -1))):
+            continue
+        for name in record.get("files", []):
+            path = Path(name)
+            if path.parent == _SHM_DIR and path.exists():
+                path.unlink(missing_ok=True)
+                removed += 1
+        marker.unlink(missing_ok=True)
+    return removed
 
 
 def _tracker_pid() -> int | None:

@@ -216,3 +216,50 @@ def test_distillation_with_sglang_matches_hf(tmp_path, smollm2_cache_dir, ray_se
         time.sleep(1)
     assert not _sglang_processes(), _sglang_processes()
     assert not (_shm_files() - shm_before), _shm_files() - shm_before
+
+
+def test_a_replica_whose_scheduler_dies_is_restarted_and_nothing_leaks(tmp_path, smollm2_cache_dir, ray_session,
+                                                                       monkeypatch):
+    """SIGKILL the SGLang scheduler of the only replica after step 1: the replica dies (SGLang's watchdog ends it),
+    the pool restarts it, re-sends its work, and the run completes; the dead engine's /dev/shm files are swept."""
+    import time
+
+    import psutil
+    import ray
+
+    from kdscale.config.load import load_config
+    from kdscale.controller.driver import train
+
+    monkeypatch.chdir(REPO)
+    shm_before = _shm_files()
+    killed = []
+
+    def kill_scheduler(step, view):
+        if step == 1:
+            pid = ray.get(view.pool.handles()[0].pid.remote())
+            schedulers = [p for p in psutil.Process(pid).children(recursive=True) if "scheduler" in p.name()]
+            assert schedulers, [p.name() for p in psutil.Process(pid).children(recursive=True)]
+            schedulers[0].kill()
+            killed.append(pid)
+            deadline = time.monotonic() + 60
+            while psutil.pid_exists(pid) and time.monotonic() < deadline:  # SGLang's watchdog ends the replica
+                time.sleep(0.5)
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [f"run.output_dir={tmp_path / 'run'}", f"run.cache_dir={smollm2_cache_dir}", "run.max_steps=3",
+         "run.save_every=0", "run.progress_bar=false", "run.export_hf=false", "run.plot=false", "run.eval_every=0",
+         "data.max_eval_samples=4", "optim.warmup_steps=1", "teacher.engine=sglang", "teacher.dtype=bfloat16",
+         "teacher.device=cpu", "teacher.request_timeout_s=120"],
+    )
+    train(cfg, on_step_end=kill_scheduler)
+    assert killed and not psutil.pid_exists(killed[0])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train/loss" in r]
+    assert len(steps) == 3
+    assert sum(r.get("teacher/resubmitted", 0) for r in steps) >= 1, steps
+    deadline = time.monotonic() + 30
+    while _sglang_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _sglang_processes(), _sglang_processes()
+    assert not (_shm_files() - shm_before), _shm_files() - shm_before

@@ -145,3 +145,26 @@ def test_cpu_environment_names_a_bad_shim_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("KDSCALE_SGLANG_SHIMS", str(tmp_path / "missing"))
     with pytest.raises(se.SGLangUnavailableError, match="KDSCALE_SGLANG_SHIMS"):
         se.prepare_cpu_environment()
+
+
+def test_preflight_names_a_missing_or_unsupported_sglang_and_the_cpu_shims(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from kdscale.controller.preflight import _sglang_problems
+
+    cfg = _cfg(device="cpu")
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert "install_sglang_cpu.sh" in _sglang_problems(cfg)[0]
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.6.1")
+    assert "SGLang 0.6.1 is installed; kdscale supports >=0.5.23,<0.6" in _sglang_problems(cfg)[0]
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.5.23")
+    monkeypatch.delenv("KDSCALE_SGLANG_SHIMS", raising=False)
+    assert "KDSCALE_SGLANG_SHIMS" in _sglang_problems(cfg)[0]
+    monkeypatch.setenv("KDSCALE_SGLANG_SHIMS", str(tmp_path))
+    assert _sglang_problems(cfg) == []
+    monkeypatch.delenv("KDSCALE_SGLANG_SHIMS")
+    assert _sglang_problems(_cfg(device="cuda")) == []  # on GPUs no shims are needed
