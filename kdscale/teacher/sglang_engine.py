@@ -424,7 +424,7 @@ class SGLangTeacherEngine:
         engine, self._engine = self._engine, None
         if engine is None:
             return
-        future = self._executor.submit(_shutdown_engine, engine)
+        future = self._executor.submit(_shutdown_engine, engine, list(self._children))
         try:
             future.result(timeout=90)
         except FutureTimeout:
@@ -687,19 +687,22 @@ def _tracker_pid() -> int | None:
     return getattr(resource_tracker._resource_tracker, "_pid", None)
 
 
-def _shutdown_engine(engine: Any) -> None:
-    """``engine.shutdown()`` sparing the resource tracker from SGLang's kill of all this process's children."""
+def _shutdown_engine(engine: Any, children: list[Any]) -> None:
+    """``engine.shutdown()``, but its final "kill every child of this process" kills only the engine's own
+    processes (``children``): in a process that has other children (a Ray driver, a test session, the resource
+    tracker, which unlinks the engine's named semaphores at exit) SGLang's teardown would kill those too."""
     import sglang.srt.entrypoints.engine as engine_module
 
     original = engine_module.kill_process_tree
-    tracker = _tracker_pid()
 
-    def kill_sparing_tracker(parent_pid: int, *args: Any, **kwargs: Any) -> Any:
-        if parent_pid == os.getpid() and tracker is not None and kwargs.get("skip_pid") is None:
-            kwargs["skip_pid"] = tracker
-        return original(parent_pid, *args, **kwargs)
+    def kill_engine_processes(parent_pid: int, *args: Any, **kwargs: Any) -> Any:
+        if parent_pid != os.getpid():
+            return original(parent_pid, *args, **kwargs)
+        for proc in children:
+            _kill(proc)
+        return None
 
-    engine_module.kill_process_tree = kill_sparing_tracker
+    engine_module.kill_process_tree = kill_engine_processes
     try:
         engine.shutdown()
     finally:
