@@ -308,9 +308,43 @@ class RayConfig(StrictModel):
     timeout_s: float = Field(1800.0, gt=0, description="Longest wait for any one teacher or student call.")
 
 
+class OnPolicyConfig(StrictModel):
+    """``algorithm: on_policy``: the student samples completions of the training prompts with its current weights
+    (a rollout engine, synced after every optimizer step), the teacher scores them through the same hidden-state
+    path, and the student trains on them, token ids exactly as generated (see ``kdscale.algorithms.rollout``)."""
+
+    rollout_engine: Literal["hf", "sglang"] = Field(
+        "hf", description="'hf': transformers in a Ray actor (the CPU path); 'sglang': an SGLang engine, weights "
+        "pushed with update_weights_from_tensor.",
+    )
+    lmbda: float = Field(
+        1.0, ge=0, le=1, description="Fraction of steps trained on student rollouts (GKD's lambda, drawn per step "
+        "from the run seed); the other steps train on the dataset's responses to the same prompts.",
+    )
+    samples_per_prompt: int = Field(1, ge=1, description="Rollouts per prompt (data.global_batch_size is the "
+                                    "number of rollouts per step, a multiple of this).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest completion; longer ones are cut (no EOS added).")
+    temperature: float = Field(1.0, ge=0, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1: off.")
+    max_staleness: int = Field(
+        0, ge=0, description="Train on rollouts at most this many optimizer updates old: k > 0 generates the next "
+        "k steps' rollouts while the student trains (overlap); 0 generates each step's with the latest weights.",
+    )
+    weight_sync_bucket_mb: int = Field(512, ge=1, description="Weights pushed to the rollout engine per bucket.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Rollout engine weights and compute.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads of the rollout engine (default: as the "
+                                    "teacher's).")
+
+
 class KDConfig(StrictModel):
     """A whole run."""
 
+    algorithm: Literal["off_policy", "on_policy"] = Field(
+        "off_policy", description="'off_policy': train on the dataset's responses; 'on_policy': on the student's "
+        "own samples scored by the teacher (section on_policy).",
+    )
+    on_policy: OnPolicyConfig = OnPolicyConfig()
     run: RunConfig = RunConfig()
     teacher: TeacherConfig
     student: StudentConfig
@@ -325,3 +359,25 @@ class KDConfig(StrictModel):
     @property
     def run_dir(self) -> str:
         return self.run.output_dir.replace("{name}", self.run.name)
+
+    @model_validator(mode="after")
+    def _on_policy_supported(self):
+        if self.algorithm != "on_policy":
+            return self
+        if self.student.backend != "fsdp2":
+            raise ValueError(
+                "algorithm=on_policy is not yet supported with student.backend=megatron (the weight sync from "
+                "Megatron's TP/PP shards to the rollout engine's Hugging Face names is not wired yet): use "
+                "student.backend=fsdp2"
+            )
+        if self.data.global_batch_size % self.on_policy.samples_per_prompt:
+            raise ValueError(
+                f"data.global_batch_size {self.data.global_batch_size} must be a multiple of "
+                f"on_policy.samples_per_prompt {self.on_policy.samples_per_prompt} (rollouts per step)"
+            )
+        if self.controller.prefetch_steps:
+            raise ValueError(
+                "controller.prefetch_steps > 0 does not apply to algorithm=on_policy (a step's samples exist only "
+                "once its rollouts are generated): use on_policy.max_staleness to overlap generation with training"
+            )
+        return self

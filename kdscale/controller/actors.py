@@ -105,6 +105,7 @@ class StudentRank:
         self.device = device
         self.backend = None
         self.channel = None
+        self.record_digests = False  # on-policy runs record what each sample trained on (ledger.jsonl)
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port (rank 0 hosts the process-group rendezvous)."""
@@ -122,6 +123,7 @@ class StudentRank:
         backend_kwargs: dict[str, Any],
         teacher_model_dir: str,
         timeout_s: float,
+        record_digests: bool = False,
     ) -> dict[str, Any]:
         """Join the process group, read the teacher head from its checkpoint files, build the backend."""
         import datetime
@@ -133,6 +135,7 @@ class StudentRank:
         from kdscale.student import build_student_backend
         from kdscale.transport.channel import RayObjectStoreChannel
 
+        self.record_digests = record_digests
         os.environ["MASTER_ADDR"] = master_addr
         os.environ["MASTER_PORT"] = str(master_port)
         if self.device == "cuda":
@@ -171,7 +174,15 @@ class StudentRank:
         out["transfer_s"] = self.channel.last_get_seconds
         out["transfer_bytes"] = self.channel.last_get_bytes
         out["sample_ids"] = [i for mb in micro_batches for i in mb.sample_ids]
+        if self.record_digests:
+            from kdscale.data.batch import sample_digests
+
+            out["sample_digests"] = [d for mb in micro_batches for d in sample_digests(mb)]
         return out
+
+    def hf_state_dict(self) -> Any:
+        """The student's full weights by Hugging Face name on rank 0 (None elsewhere); every rank must call."""
+        return self.backend.hf_state_dict()
 
     def evaluate(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
         """Held-out loss and KL; ``{"lost": [...]}`` as in ``train_step`` when refs are unreadable."""
@@ -222,3 +233,50 @@ def _as_dict(metrics: Any) -> dict[str, Any]:
     from dataclasses import asdict, is_dataclass
 
     return asdict(metrics) if is_dataclass(metrics) else dict(metrics)
+
+
+@ray.remote(num_cpus=0)
+class RolloutWorker:
+    """A rollout engine (``kdscale.algorithms.rollout``) holding the student's current weights: on-policy samples."""
+
+    def __init__(self, engine: str, engine_kwargs: dict[str, Any], num_threads: int | None = None):
+        from kdscale.observability.logging import quiet_third_party
+
+        quiet_third_party()
+        _set_threads(num_threads)
+        from kdscale.algorithms import rollout
+
+        engines = {"hf": rollout.HFRolloutEngine, "sglang": rollout.SGLangRolloutEngine}
+        if engine not in engines:
+            raise ValueError(f"unknown rollout engine {engine!r}; choose one of {sorted(engines)}")
+        self.engine = engines[engine](**engine_kwargs)
+
+    def start(self) -> dict[str, Any]:
+        self.engine.start()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def update_weights(self, state: dict, version: int, bucket_bytes: int) -> float:
+        """Load ``state`` (HF names -> tensors); returns the seconds it took."""
+        start = time.perf_counter()
+        self.engine.update_weights(state.items(), version=version, bucket_bytes=bucket_bytes)
+        return time.perf_counter() - start
+
+    def generate(self, prompts: list, params: dict[str, Any]) -> dict[str, Any]:
+        from kdscale.algorithms.rollout import SamplingConfig
+
+        start = time.perf_counter()
+        rollouts = self.engine.generate(prompts, SamplingConfig(**params))
+        return {"rollouts": rollouts, "seconds": time.perf_counter() - start}
+
+    def state_dict(self) -> dict:
+        """The engine's current weights by HF name (tests compare them with the student's; hf engine)."""
+        return self.engine.state_dict()
+
+    def weight_version(self) -> int | None:
+        return self.engine.weight_version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

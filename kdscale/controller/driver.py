@@ -79,6 +79,7 @@ class RunView:
 
     pool: TeacherPool
     student_handles: list
+    rollout_worker: Any = None  # algorithm=on_policy: the RolloutWorker actor
 
 
 def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None = None) -> RunSummary:
@@ -103,9 +104,10 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
     train_samples, eval_samples = _load_datasets(cfg, models)
     from kdscale.data import StepSampler, build_step_layout
 
-    sampler = StepSampler(
-        num_samples=len(train_samples), global_batch_size=cfg.data.global_batch_size, seed=cfg.run.seed,
-        shuffle=cfg.data.shuffle,
+    on_policy = cfg.algorithm == "on_policy"
+    sampler = StepSampler(  # on-policy: a step draws its prompts, each sampled samples_per_prompt times
+        num_samples=len(train_samples), seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+        global_batch_size=cfg.data.global_batch_size // (cfg.on_policy.samples_per_prompt if on_policy else 1),
     )
     total_steps = cfg.run.max_steps or sampler.steps_per_epoch * cfg.run.num_epochs
 
@@ -119,6 +121,12 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
         plan = _plan(cfg)
         pool = _start_teachers(cfg, models, plan)
         students = _start_students(cfg, models, total_steps, plan)
+        source = None
+        if on_policy:
+            from kdscale.controller.on_policy import OnPolicySource
+
+            source = OnPolicySource(cfg, models, sampler, train_samples, run_dir, device=_device(cfg.student.device),
+                                    num_threads=_default_threads(cfg, "teacher"))
         consumer_nodes = _consumer_nodes(students, cfg.student.dp_size)
         _open_cache(cfg, models, pool)
         prefetch_steps = _prefetch_steps(cfg, plan)
@@ -130,6 +138,10 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
             sampler.load_state_dict(state["sampler"])
             start_step = state["step"]
             log.info(f"resumed from {resume_from} at step {start_step}")
+        if source is not None:
+            source.start(start_step)
+            source.sync_weights(students, start_step)
+            source.fill(start_step + 1 + cfg.on_policy.max_staleness, total_steps)
 
         metrics = MetricsWriter(run_dir, total_steps=total_steps, log_every=cfg.run.log_every,
                                 progress_bar=cfg.run.progress_bar, start_step=start_step)
@@ -156,12 +168,17 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
                 step_start = time.perf_counter()
                 if sleep_between_steps:
                     pool.set_awake(True)
+                rollout_metrics: dict[str, float] = {}
                 while next_to_plan <= min(step + prefetch_steps, total_steps):
-                    position = (sampler.epoch, sampler.step_in_epoch)
-                    epoch, indices = sampler.next_step()
-                    step_layout = layout([train_samples[i] for i in indices], next_to_plan, epoch)
+                    if source is not None:
+                        epoch, step_in_epoch, step_samples, rollout_metrics = source.take(next_to_plan)
+                    else:
+                        step_in_epoch = sampler.step_in_epoch
+                        epoch, indices = sampler.next_step()
+                        step_samples = [train_samples[i] for i in indices]
+                    step_layout = layout(step_samples, next_to_plan, epoch)
                     keys = _submit(pool, step_layout, next_to_plan, consumer_nodes)
-                    planned.append(_PlannedStep(next_to_plan, epoch, position[1], step_layout, keys))
+                    planned.append(_PlannedStep(next_to_plan, epoch, step_in_epoch, step_layout, keys))
                     next_to_plan += 1
                 current = planned.popleft()
                 assert current.step == step
@@ -172,15 +189,19 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
                     pool.set_awake(False)
                 results, teacher, teacher_wait_s = _train_step(students, pool, current, cfg)
                 pool.release(k for shard in current.keys for k in shard)
+                if source is not None:  # the rollout engine gets this step's weights before later generations
+                    source.sync_weights(students, step)
+                    source.fill(step + 1 + cfg.on_policy.max_staleness, total_steps)
                 last_position = sampler.position_after(current.epoch, current.step_in_epoch)
                 metrics.step(step, _step_metrics(
                     results, current, teacher, teacher_wait_s=teacher_wait_s,
                     step_s=time.perf_counter() - step_start, inflight_bytes=inflight_bytes,
                     resubmitted=pool.num_resubmitted - resubmitted_before, replicas_alive=pool.num_alive,
-                ))
+                ) | rollout_metrics)
                 ledger.write(step, current.epoch, students, results)
                 if on_step_end is not None:
-                    on_step_end(step, RunView(pool, [s.handle for s in students]))
+                    on_step_end(step, RunView(pool, [s.handle for s in students],
+                                              source.worker if source is not None else None))
                 if eval_layout and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != total_steps:
                     _evaluate(students, pool, eval_layout, eval_keys, step, metrics, cfg)
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
@@ -192,10 +213,10 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
             if eval_layout:
                 _evaluate(students, pool, eval_layout, eval_keys, total_steps, metrics, cfg)
         except ray.exceptions.RayActorError as exc:
-            _kill_all(students, pool)
-            raise failed("a student rank died", exc) from exc
+            _kill_all(students, pool, source)
+            raise failed("a student rank or the rollout worker died", exc) from exc
         except TeacherPoolError as exc:
-            _kill_all(students, pool)
+            _kill_all(students, pool, source)
             raise failed("the teacher pool failed", exc) from exc
         hf_dir = None
         if cfg.run.export_hf:
@@ -207,7 +228,9 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
         metrics.close()
         ray.get([s.handle.shutdown.remote() for s in students], timeout=cfg.ray.timeout_s)
         pool.shutdown()
-        _kill_all(students, pool)  # their processes end now, also in a cluster that outlives the run
+        if source is not None:
+            source.shutdown()
+        _kill_all(students, pool, source)  # their processes end now, also in a cluster that outlives the run
 
     summary = _summarize(cfg, run_dir, total_steps, hf_dir, time.perf_counter() - started)
     log.info(_summary_line(summary))
@@ -323,7 +346,7 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int, pla
             r.setup.remote(
                 master_addr=master_addr, master_port=master_port, backend=s.backend, backend_kwargs=kwargs,
                 teacher_model_dir=str(models.teacher_dir),
-                timeout_s=cfg.ray.timeout_s,
+                timeout_s=cfg.ray.timeout_s, record_digests=cfg.algorithm == "on_policy",
             )
             for r in ranks
         ],
@@ -334,9 +357,9 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int, pla
     return [_Student(i["dp_rank"], i["consumes_teacher_outputs"], r, i["node_id"]) for r, i in zip(ranks, infos)]
 
 
-def _kill_all(students: list[_Student], pool: TeacherPool) -> None:
+def _kill_all(students: list[_Student], pool: TeacherPool, source: Any = None) -> None:
     """Stop every actor of the run at once (the survivors of a failed step may be blocked in a collective)."""
-    for handle in [s.handle for s in students] + pool.handles():
+    for handle in [s.handle for s in students] + pool.handles() + (source.handles() if source is not None else []):
         try:
             ray.kill(handle, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead
@@ -377,6 +400,8 @@ def _prefetch_steps(cfg: KDConfig, plan: PlacementPlan | None = None) -> int:
             get_logger().warning(f"controller.prefetch_steps={cfg.controller.prefetch_steps} ignored: the teacher "
                                  "sleeps between steps (teacher.sleep_between_steps), so it cannot work ahead")
         return 0
+    if cfg.algorithm == "on_policy":
+        return 0  # a step's samples exist once its rollouts do (on_policy.max_staleness overlaps those instead)
     if cfg.controller.prefetch_steps is not None:
         return cfg.controller.prefetch_steps
     on_gpu = "cuda" in (_device(cfg.teacher.device), _device(cfg.student.device))
@@ -590,10 +615,15 @@ class _Ledger:
 
     def write(self, step: int, epoch: int, students: list[_Student], results: list[dict]) -> None:
         per_dp: dict[int, list[int]] = {}
+        digests: dict[int, list[int]] = {}
         for student, result in zip(students, results):
             if student.consumes:
                 per_dp.setdefault(student.dp_rank, result["sample_ids"])
+                if "sample_digests" in result:
+                    digests.setdefault(student.dp_rank, result["sample_digests"])
         record = {"step": step, "epoch": epoch, "sample_ids": [per_dp[dp] for dp in sorted(per_dp)]}
+        if digests:  # on-policy: what each sample trained on (see kdscale.data.batch.sample_digest)
+            record["sample_digests"] = [digests[dp] for dp in sorted(digests)]
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -136,3 +136,21 @@ def require_packed_sequence_support() -> None:
             f"packed micro-batches need transformers >= 4.54 (attention within each packed sample); this is "
             f"transformers {transformers.__version__}: upgrade it or set data.packing: false"
         ) from None
+
+
+def sample_digest(input_ids, loss_mask) -> int:
+    """CRC32 of one sample's token ids and target positions (the first token is never a target and is left out):
+    lets a test check that a sample was trained exactly as it was made (e.g. a rollout as generated)."""
+    import zlib
+
+    import numpy as np
+
+    ids = np.asarray(input_ids, dtype=np.int64)
+    mask = np.asarray(loss_mask, dtype=np.uint8)[1:]
+    return zlib.crc32(ids.tobytes() + mask.tobytes())
+
+
+def sample_digests(micro_batch: MicroBatch) -> list[int]:
+    """:func:`sample_digest` of every sample of ``micro_batch``, in the order of its ``sample_ids``."""
+    ids, mask = micro_batch.input_ids.cpu().numpy(), micro_batch.loss_mask.cpu().numpy()
+    return [sample_digest(ids[row, start:stop], mask[row, start:stop]) for row, start, stop in sample_spans(micro_batch)]

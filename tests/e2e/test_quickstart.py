@@ -29,3 +29,25 @@ def test_quickstart_held_out_kl_falls(backend, tmp_path, smollm2_cache_dir, ray_
     assert summary.eval_kl_before is not None and summary.eval_kl_after is not None
     assert summary.eval_kl_after < 0.8 * summary.eval_kl_before, summary
     assert (Path(summary.hf_export) / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_on_policy_held_out_kl_falls(tmp_path, smollm2_cache_dir, ray_session, monkeypatch):
+    """configs/quickstart_on_policy.yaml, shortened: the student trains on its own samples scored by the teacher."""
+    import json
+
+    from kdscale.controller.driver import train
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(
+        REPO / "configs" / "quickstart_on_policy.yaml",
+        [f"run.output_dir={tmp_path / 'qs'}", f"run.cache_dir={smollm2_cache_dir}", "run.max_steps=10",
+         "run.save_every=0", "run.progress_bar=false", "run.export_hf=false", "data.max_eval_samples=12",
+         "optim.warmup_steps=1"],
+    )
+    summary = train(cfg)
+    # the full config measured 10.15 -> 9.38 -> 6.56 at steps 0, 5, 10 (held-out KL on the dataset's responses)
+    assert summary.eval_kl_after < 0.85 * summary.eval_kl_before, summary
+    rollouts = [json.loads(line) for line in (tmp_path / "qs" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 10 * cfg.data.global_batch_size
+    assert {r["weight_version"] for r in rollouts} == set(range(10))

@@ -333,6 +333,12 @@ class FSDP2Backend:
             path, module=self.module, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device
         )
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full weights by Hugging Face name on rank 0 (None elsewhere; every rank must call): what a rollout
+        engine loads after each optimizer step."""
+        self._require_setup()
+        return checkpoint.full_hf_state_dict(self.module, prefix=_HF_PREFIX)
+
     def export_hf(self, path: str) -> None:
         """Write the student as a Hugging Face directory at ``path`` (rank 0 writes; every rank must call)."""
         self._require_setup()

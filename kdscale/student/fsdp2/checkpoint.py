@@ -130,6 +130,17 @@ def _copy_tokenizer_files(source: Path, target: Path) -> None:
                 shutil.copy2(file, target / file.name)
 
 
+def full_hf_state_dict(module: nn.Module, *, prefix: str) -> dict[str, torch.Tensor] | None:
+    """The full (unsharded) state dict on CPU by Hugging Face name, on rank 0; None on the other ranks.
+
+    Collective: every rank must call. ``prefix`` is the attribute path of the HF model inside ``module``."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(module, options=options)
+    if dist.get_rank() != 0:
+        return None
+    return {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)}
+
+
 def export_hf(path: str | Path, *, module: nn.Module, prefix: str, hf_config: Any, model_path: str | Path) -> None:
     """Write the model as a Hugging Face directory at ``path`` (collective; rank 0 writes).
 
@@ -140,10 +151,8 @@ def export_hf(path: str | Path, *, module: nn.Module, prefix: str, hf_config: An
     """
     from transformers import AutoModelForCausalLM
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(module, options=options)
-    if dist.get_rank() == 0:
-        hf_state = {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)}
+    hf_state = full_hf_state_dict(module, prefix=prefix)
+    if hf_state is not None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
         missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)

@@ -1,0 +1,109 @@
+"""On-policy distillation through the Ray controller on tiny models (hf rollout engine): the rollout engine's weights
+equal the student's after every sync, samples train exactly as generated, staleness is bounded, lambda mixes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from kdscale.config.load import ConfigError, load_config
+from kdscale.data.batch import sample_digest
+from kdscale.observability.metrics import read_metrics
+from tests.e2e.test_train import _overrides, _write_data
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return _write_data(root / "train.jsonl", 32, 0), _write_data(root / "eval.jsonl", 8, 1)
+
+
+def _on_policy(tmp_path, tiny_pair, tiny_data, **extra):
+    values = {"algorithm": "on_policy", "on_policy.max_new_tokens": 12, "on_policy.temperature": 1.0,
+              "run.save_every": 0, "run.max_steps": 3, "run.export_hf": False, "run.plot": False,
+              "data.max_tokens_per_micro_batch": 128}
+    values.update(extra)
+    return load_config(None, _overrides(tmp_path, tiny_pair, tiny_data, **values))
+
+
+def _rollouts(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+
+
+def test_on_policy_syncs_weights_and_trains_samples_as_generated(tmp_path, tiny_pair, tiny_data, ray_session):
+    from kdscale.controller.driver import train
+
+    cfg = _on_policy(tmp_path, tiny_pair, tiny_data)
+    compared = []
+
+    def compare_weights(step, view):
+        student = ray.get([h.hf_state_dict.remote() for h in view.student_handles])[0]  # collective; rank 0's
+        engine = ray.get(view.rollout_worker.state_dict.remote())  # queued after this step's sync
+        assert ray.get(view.rollout_worker.weight_version.remote()) == step
+        for name, tensor in student.items():
+            assert torch.equal(engine[name], tensor), (step, name)
+        compared.append(step)
+
+    summary = train(cfg, on_step_end=compare_weights)
+    assert compared == [1, 2, 3]
+    run = Path(cfg.run_dir)
+    rollouts = _rollouts(run)
+    assert len(rollouts) == 3 * cfg.data.global_batch_size
+    from kdscale.algorithms.rollout import read_eos_token_ids
+
+    eos = set(read_eos_token_ids(tiny_pair[1]))
+    assert eos
+    for r in rollouts:
+        assert r["weight_version"] == r["step"] - 1  # max_staleness 0: generated with the latest weights
+        if r["finish_reason"] == "length":
+            assert len(r["completion_ids"]) == 12  # cut, and no EOS appended
+        else:
+            assert r["completion_ids"][-1] in eos and not set(r["completion_ids"][:-1]) & eos
+    # each sample trained exactly as generated: the ranks' digests of (ids, targets) equal the rollouts'
+    by_id = {r["sample_id"]: r for r in rollouts}
+    ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    checked = 0
+    for record in ledger:
+        for ids, digests in zip(record["sample_ids"], record["sample_digests"]):
+            for sample_id, digest in zip(ids, digests):
+                r = by_id[sample_id]
+                tokens = r["prompt_ids"] + r["completion_ids"]
+                mask = np.zeros(len(tokens), dtype=bool)
+                mask[r["prompt_len"]:] = True
+                assert digest == sample_digest(tokens, mask), sample_id
+                checked += 1
+    assert checked == len(rollouts)
+    steps = [m for m in read_metrics(run / "metrics.jsonl") if "train/loss" in m]
+    assert all(m["rollout/on_policy"] == 1.0 and m["rollout/staleness"] == 0 for m in steps)
+    assert summary.eval_kl_after is not None
+
+
+def test_staleness_bound_and_lambda_mixing(tmp_path, tiny_pair, tiny_data, ray_session):
+    from kdscale.controller.driver import train
+
+    cfg = _on_policy(tmp_path, tiny_pair, tiny_data, **{"on_policy.max_staleness": 1, "on_policy.lmbda": 0.5,
+                                                        "run.max_steps": 6, "run.seed": 3})
+    train(cfg)
+    run = Path(cfg.run_dir)
+    steps = [m for m in read_metrics(run / "metrics.jsonl") if "train/loss" in m]
+    on = [m for m in steps if m["rollout/on_policy"] == 1.0]
+    assert 0 < len(on) < len(steps)  # lambda 0.5 over 6 steps with this seed mixes both kinds
+    assert all(m["rollout/staleness"] <= 1 for m in on)
+    assert any(m["rollout/staleness"] == 1 for m in on if m["step"] > 1)
+    assert {r["step"] for r in _rollouts(run)} == {m["step"] for m in on}
+
+
+def test_on_policy_config_errors(tmp_path, tiny_pair, tiny_data):
+    megatron = [o for o in _overrides(tmp_path, tiny_pair, tiny_data, **{"student.backend": "megatron"})
+                if not o.startswith(("student.num_ranks", "student.attn_implementation"))]
+    with pytest.raises(ConfigError, match="not yet supported with student.backend=megatron"):
+        load_config(None, [*megatron, "algorithm=on_policy"])
+    with pytest.raises(ConfigError, match="multiple of on_policy.samples_per_prompt 3"):
+        _on_policy(tmp_path, tiny_pair, tiny_data, **{"on_policy.samples_per_prompt": 3})
+    with pytest.raises(ConfigError, match="use on_policy.max_staleness"):
+        _on_policy(tmp_path, tiny_pair, tiny_data, **{"controller.prefetch_steps": 1})
