@@ -14,42 +14,20 @@ What is shown:
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.e2e.sglang_support import require_sglang, sglang_processes, shm_files
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
-if importlib.util.find_spec("sglang") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must run the SGLang tests: tools/dev/install_sglang_cpu.sh did not install sglang")
-    pytest.skip("sglang is not installed (run tools/dev/install_sglang_cpu.sh)", allow_module_level=True)
-
-assert os.environ.get("KDSCALE_SGLANG_SHIMS"), "tests/conftest.py sets KDSCALE_SGLANG_SHIMS"
-
-
-def _shm_files() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith(("sglang_", "sgl_shm", "sem.mp-"))}
-
-
-def _sglang_processes() -> list[str]:
-    """SGLang engine processes and teacher replicas, except this process's own children (the module's engine)."""
-    import psutil
-
-    own = {p.pid for p in psutil.Process().children(recursive=True)}
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if proc.info["pid"] not in own and (cmdline.startswith("sglang::") or "TeacherReplica" in cmdline):
-            found.append(f"{proc.info['pid']}: {cmdline[:120]}")
-    return found
+require_sglang()
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +56,14 @@ def real_batches(teacher_dir):
 def sglang_engine(teacher_dir):
     from kdscale.teacher.sglang_engine import SGLangTeacherEngine
 
-    shm_before = _shm_files()
+    shm_before = shm_files()
     engine = SGLangTeacherEngine(model_path=teacher_dir, dtype="bfloat16", device="cpu", startup_timeout_s=600)
     engine.start()
     yield engine
     engine.shutdown()
     assert engine.health() == {"healthy": False, "reason": "not started"}
     assert not [p for p in engine._children if p.is_running()]
-    left = _shm_files() - shm_before
+    left = shm_files() - shm_before
     assert not {n for n in left if not n.startswith("sem.mp-")}, f"SGLang left files in /dev/shm: {left}"
 
 
@@ -198,7 +176,7 @@ def _short_run(engine: str, out_dir: Path, cache_dir: Path, extra: tuple[str, ..
 
 def test_distillation_with_sglang_matches_hf(tmp_path, smollm2_cache_dir, ray_session, monkeypatch):
     monkeypatch.chdir(REPO)
-    shm_before = _shm_files()
+    shm_before = shm_files()
     hf_summary, hf_losses = _short_run("hf", tmp_path / "hf", smollm2_cache_dir)
     # sleep_between_steps: the driver's sleep/wake path around every step (no-ops in SGLang's CPU engine)
     sgl_summary, sgl_losses = _short_run("sglang", tmp_path / "sglang", smollm2_cache_dir,
@@ -212,10 +190,10 @@ def test_distillation_with_sglang_matches_hf(tmp_path, smollm2_cache_dir, ray_se
     import time
 
     deadline = time.monotonic() + 30
-    while _sglang_processes() and time.monotonic() < deadline:
+    while sglang_processes(own=False, replicas=True) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not _sglang_processes(), _sglang_processes()
-    assert not (_shm_files() - shm_before), _shm_files() - shm_before
+    assert not sglang_processes(own=False, replicas=True), sglang_processes(own=False, replicas=True)
+    assert not (shm_files() - shm_before), shm_files() - shm_before
 
 
 def test_a_replica_whose_scheduler_dies_is_restarted_and_nothing_leaks(tmp_path, smollm2_cache_dir, ray_session,
@@ -231,7 +209,7 @@ def test_a_replica_whose_scheduler_dies_is_restarted_and_nothing_leaks(tmp_path,
     from kdscale.controller.driver import train
 
     monkeypatch.chdir(REPO)
-    shm_before = _shm_files()
+    shm_before = shm_files()
     killed = []
 
     def kill_scheduler(step, view):
@@ -259,7 +237,7 @@ def test_a_replica_whose_scheduler_dies_is_restarted_and_nothing_leaks(tmp_path,
     assert len(steps) == 3
     assert sum(r.get("teacher/resubmitted", 0) for r in steps) >= 1, steps
     deadline = time.monotonic() + 30
-    while _sglang_processes() and time.monotonic() < deadline:
+    while sglang_processes(own=False, replicas=True) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not _sglang_processes(), _sglang_processes()
-    assert not (_shm_files() - shm_before), _shm_files() - shm_before
+    assert not sglang_processes(own=False, replicas=True), sglang_processes(own=False, replicas=True)
+    assert not (shm_files() - shm_before), shm_files() - shm_before

@@ -11,42 +11,18 @@ weights are refused before anything is sent; shutdown leaves no process and no /
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
+from tests.e2e.sglang_support import require_sglang, sglang_processes, shm_files
+
 pytestmark = pytest.mark.slow
 
-if importlib.util.find_spec("sglang") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must run the SGLang tests: tools/dev/install_sglang_cpu.sh did not install sglang")
-    pytest.skip("sglang is not installed (run tools/dev/install_sglang_cpu.sh)", allow_module_level=True)
-
-assert os.environ.get("KDSCALE_SGLANG_SHIMS"), "tests/conftest.py sets KDSCALE_SGLANG_SHIMS"
+require_sglang()
 
 PROMPTS = [[1, 40, 41, 42], [1, 50, 60, 70, 80, 90, 100, 110], [7, 8]]
-
-
-def _shm_files() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith(("sglang_", "sgl_shm", "sem.mp-"))}
-
-
-def _sglang_processes(*, own: bool) -> dict[int, str]:
-    """SGLang engine processes: this process's descendants (``own``) or any on the machine."""
-    import psutil
-
-    procs = psutil.Process().children(recursive=True) if own else list(psutil.process_iter())
-    found = {}
-    for proc in procs:
-        try:
-            cmdline = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if cmdline.startswith("sglang::"):
-            found[proc.pid] = cmdline[:120]
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +56,23 @@ def sglang_rollout(model_dirs):
     concurrent test run may start one), else the files the engine recorded as its own."""
     from kdscale.algorithms.rollout import SGLangRolloutEngine
 
-    foreign_before = set(_sglang_processes(own=False))
-    shm_before = _shm_files()
+    foreign_before = set(sglang_processes(own=False))
+    shm_before = shm_files()
     engine = SGLangRolloutEngine(model_path=model_dirs["base"], dtype="float32", device="cpu", startup_timeout_s=300,
                                  engine_args={"max_total_tokens": 4096})
     engine.start()
     children = list(engine.host._children)
-    assert children and set(_sglang_processes(own=True)) <= {p.pid for p in children}
+    assert children and set(sglang_processes(own=True)) <= {p.pid for p in children}
     yield engine
     own_files = [*engine.host._shm_paths, *(f"/dev/shm/{n}" for n in engine.host._start_semaphores)]
     assert own_files  # at least SGLang's load-snapshot file
     engine.shutdown()
     assert engine.weight_version is None and not engine.host.started
     assert not [p.pid for p in children if p.is_running()]
-    assert not _sglang_processes(own=True)
+    assert not sglang_processes(own=True)
     assert not [f for f in own_files if os.path.exists(f)], own_files
-    if not (set(_sglang_processes(own=False)) | foreign_before):
-        left = _shm_files() - shm_before
+    if not (set(sglang_processes(own=False)) | foreign_before):
+        left = shm_files() - shm_before
         assert not left, f"SGLang left files in /dev/shm: {left}"
 
 
