@@ -214,7 +214,8 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
                 _evaluate(students, pool, eval_layout, eval_keys, total_steps, metrics, cfg)
         except ray.exceptions.RayActorError as exc:
             _kill_all(students, pool, source)
-            raise failed("a student rank or the rollout worker died", exc) from exc
+            rollout_died = source is not None and getattr(exc, "actor_id", None) == source.worker._actor_id.hex()
+            raise failed("the rollout worker died" if rollout_died else "a student rank died", exc) from exc
         except TeacherPoolError as exc:
             _kill_all(students, pool, source)
             raise failed("the teacher pool failed", exc) from exc
