@@ -48,7 +48,7 @@ def test_unknown_keys_suggest_the_right_one(tmp_path, tiny_pair):
 def test_discriminators_select_the_section_schema(tmp_path, tiny_pair):
     cfg = _base(tmp_path, *tiny_pair)
     cfg["teacher"]["engine"] = "hff"
-    with pytest.raises(ConfigError, match=r"teacher.engine: 'hff' is not one of 'hf'. did you mean 'hf'\?"):
+    with pytest.raises(ConfigError, match=r"teacher.engine: 'hff' is not one of 'hf', 'sglang'. did you mean 'hf'\?"):
         load_config(_write(tmp_path, cfg))
     cfg = _base(tmp_path, *tiny_pair)
     cfg["student"]["tensor_parallel_size"] = 2  # a Megatron key is not valid in the fsdp2 section

@@ -258,7 +258,7 @@ def test_engine_lifecycle_and_options(model_dir, tmp_path):
 def test_build_teacher_engine(model_dir):
     engine = build_teacher_engine("hf", model_path=model_dir, attn_implementation="eager")
     assert isinstance(engine, HFTeacherEngine) and engine.attn_implementation == "eager"
-    with pytest.raises(ValueError, match=r"unknown teacher engine 'vllm'; choose one of \['hf'\]"):
+    with pytest.raises(ValueError, match=r"unknown teacher engine 'vllm'; choose one of \['hf', 'sglang'\]"):
         build_teacher_engine("vllm")
 
 
