@@ -157,7 +157,8 @@ class StudentRank:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    def train_step(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
+    def train_step(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int,
+                   global_num_kd_tokens: int | None = None) -> dict[str, Any]:
         """Resolve this shard's teacher refs (zero-copy), run one optimizer step, return its metrics.
 
         If any rank of the group cannot resolve its refs (a teacher replica died after producing them), no rank
@@ -167,7 +168,8 @@ class StudentRank:
             return {"lost": lost}
         start = time.perf_counter()
         metrics = self.backend.train_step(
-            micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens
+            micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens,
+            **_kd_tokens(global_num_kd_tokens),
         )
         out = _as_dict(metrics)
         out["student_s"] = time.perf_counter() - start
@@ -184,12 +186,14 @@ class StudentRank:
         """The student's full weights by Hugging Face name on rank 0 (None elsewhere); every rank must call."""
         return self.backend.hf_state_dict()
 
-    def evaluate(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int) -> dict[str, Any]:
+    def evaluate(self, micro_batches: list, teacher_refs: list, global_num_loss_tokens: int,
+                 global_num_kd_tokens: int | None = None) -> dict[str, Any]:
         """Held-out loss and KL; ``{"lost": [...]}`` as in ``train_step`` when refs are unreadable."""
         teacher_hidden, lost = self._resolve(teacher_refs)
         if teacher_hidden is None:
             return {"lost": lost}
-        return self.backend.evaluate(micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens)
+        return self.backend.evaluate(micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens,
+                                     **_kd_tokens(global_num_kd_tokens))
 
     def _resolve(self, refs: list) -> tuple[list | None, list[int]]:
         """The refs' tensors, or (None, indices of the unreadable refs) if ANY rank of the group failed (all ranks
@@ -280,3 +284,8 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _kd_tokens(global_num_kd_tokens: int | None) -> dict[str, int]:
+    """The cross-tokenizer keyword of a backend step, only when set (backends without it never see it)."""
+    return {} if global_num_kd_tokens is None else {"global_num_kd_tokens": global_num_kd_tokens}

@@ -38,13 +38,18 @@ class MicroBatch:
     loss_mask: torch.Tensor  # [B, L] bool, True on target tokens (response + EOS)
     sample_ids: list[int] = field(default_factory=list)  # dataset row ids, for accounting and resume checks
     position_ids: torch.Tensor | None = None  # [B, L] int64, restarting at 0 per sample; set only when packed
+    # Cross-tokenizer distillation only: [B, L] bool, the targets whose prediction has an aligned teacher
+    # prediction (a subset of loss_mask). The teacher ships rows for these predictions only; CE uses loss_mask.
+    kd_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.position_ids is not None and self.position_ids.shape != self.input_ids.shape:
-            raise ValueError(
-                f"position_ids has shape {tuple(self.position_ids.shape)} but input_ids {tuple(self.input_ids.shape)}"
-                ": a packed micro-batch needs one position id per token"
-            )
+        for name in ("position_ids", "kd_mask"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.input_ids.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)} but input_ids {tuple(self.input_ids.shape)}: it needs "
+                    "one entry per token"
+                )
 
     @property
     def is_packed(self) -> bool:
@@ -55,6 +60,16 @@ class MicroBatch:
     def num_loss_tokens(self) -> int:
         """Number of prediction positions (= target tokens that have a preceding position)."""
         return int(self.loss_mask[:, 1:].sum())
+
+    @property
+    def num_kd_tokens(self) -> int:
+        """Prediction positions the KD term covers: those of ``kd_mask`` if set, else all of ``loss_mask``'s."""
+        return self.num_loss_tokens if self.kd_mask is None else int(self.kd_mask[:, 1:].sum())
+
+    @property
+    def kd_loss_mask(self) -> torch.Tensor:
+        """The mask whose prediction rows the teacher ships: ``kd_mask`` if set, else ``loss_mask``."""
+        return self.loss_mask if self.kd_mask is None else self.kd_mask
 
     @property
     def num_tokens(self) -> int:
@@ -111,13 +126,24 @@ class StepLayout:
 
     ``shards[dp_rank]`` is the list of micro-batches that rank runs (gradient accumulation over them).
     ``global_num_loss_tokens`` normalizes the loss so it is a per-token mean over the whole global batch,
-    whatever the data-parallel split.
+    whatever the data-parallel split. ``teacher_shards`` (cross-tokenizer only) is what the teacher runs instead of
+    ``shards``; :attr:`teacher_work` gives whichever applies.
     """
+
+    @property
+    def teacher_work(self) -> list[list[MicroBatch]]:
+        """The micro-batches the teacher scores, per shard: ``teacher_shards`` if set, else ``shards``."""
+        return self.shards if self.teacher_shards is None else self.teacher_shards
 
     shards: list[list[MicroBatch]]
     global_num_loss_tokens: int
     epoch: int = 0
     step: int = 0
+    # Cross-tokenizer distillation only: the teacher's micro-batches, one per student micro-batch (the same
+    # samples in the same order, tokenized with the teacher's tokenizer; loss_mask = the aligned predictions), and
+    # the global number of aligned predictions (the KD term's normalizer).
+    teacher_shards: list[list[MicroBatch]] | None = None
+    global_num_kd_tokens: int | None = None
 
     @property
     def dp_size(self) -> int:

@@ -22,7 +22,7 @@ global batches, dropping the incomplete last batch of an epoch; its ``state_dict
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,12 +44,25 @@ def make_micro_batch(
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.int64)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.int64)
     loss_mask = torch.zeros((len(samples), length), dtype=torch.bool)
+    kd_mask = _kd_mask(samples, (len(samples), length))
     for b, sample in enumerate(samples):
         n = len(sample)
         input_ids[b, :n] = torch.from_numpy(sample.input_ids.astype(np.int64))
         attention_mask[b, :n] = 1
         loss_mask[b, :n] = torch.from_numpy(sample.loss_mask)
-    return MicroBatch(input_ids, attention_mask, loss_mask, sample_ids=[s.sample_id for s in samples])
+        if kd_mask is not None:
+            kd_mask[b, :n] = torch.from_numpy(sample.kd_mask)
+    return MicroBatch(
+        input_ids, attention_mask, loss_mask, sample_ids=[s.sample_id for s in samples], kd_mask=kd_mask
+    )
+
+
+def _kd_mask(samples: Sequence[TokenizedSample], shape: tuple[int, int]) -> torch.Tensor | None:
+    """An all-False [B, L] kd mask if the samples carry kd masks (cross-tokenizer), else None; all or none must."""
+    with_mask = sum(s.kd_mask is not None for s in samples)
+    if with_mask not in (0, len(samples)):
+        raise ValueError("either every sample of a micro-batch has a kd_mask (cross-tokenizer) or none has")
+    return torch.zeros(shape, dtype=torch.bool) if with_mask else None
 
 
 def make_packed_micro_batch(
@@ -66,17 +79,21 @@ def make_packed_micro_batch(
     attention_mask = torch.zeros((1, length), dtype=torch.int64)
     loss_mask = torch.zeros((1, length), dtype=torch.bool)
     position_ids = torch.zeros((1, length), dtype=torch.int64)
+    kd_mask = _kd_mask(samples, (1, length))
     start = 0
     for sample in samples:
         stop = start + len(sample)
         input_ids[0, start:stop] = torch.from_numpy(sample.input_ids.astype(np.int64))
         attention_mask[0, start:stop] = 1
         loss_mask[0, start + 1 : stop] = torch.from_numpy(sample.loss_mask[1:])
+        if kd_mask is not None:
+            kd_mask[0, start + 1 : stop] = torch.from_numpy(sample.kd_mask[1:])
         position_ids[0, start:stop] = torch.arange(len(sample))
         start = stop
     position_ids[0, start:] = torch.arange(length - start)
     return MicroBatch(
-        input_ids, attention_mask, loss_mask, sample_ids=[s.sample_id for s in samples], position_ids=position_ids
+        input_ids, attention_mask, loss_mask, sample_ids=[s.sample_id for s in samples], position_ids=position_ids,
+        kd_mask=kd_mask,
     )
 
 
@@ -156,6 +173,8 @@ def build_step_layout(
     epoch: int = 0,
     pad_to_multiple_of: int = 1,
     packing: bool = False,
+    teacher_samples: Mapping[int, TokenizedSample] | None = None,
+    teacher_pad_token_id: int | None = None,
 ) -> StepLayout:
     """Lay a global batch out per data-parallel rank (see the module docstring for the scheme).
 
@@ -170,6 +189,11 @@ def build_step_layout(
         pad_to_multiple_of: round each micro-batch's L up to a multiple of this (e.g. the TP size under sequence
             parallelism); counted in ``B * L``.
         packing: lay each micro-batch out packed (one row, samples end to end) instead of right-padded.
+        teacher_samples: cross-tokenizer only: the teacher's tokenization of every sample, by sample id (its
+            loss_mask marks the aligned predictions). The layout then also holds ``teacher_shards``: per student
+            micro-batch, one teacher micro-batch of the same samples in the same order (grouped by the student's
+            token counts, so a teacher micro-batch may exceed the token budget by the tokenizers' difference).
+        teacher_pad_token_id: the id that pads the teacher's micro-batches (default ``pad_token_id``).
     """
     if dp_size < 1:
         raise ValueError(f"dp_size must be >= 1, got {dp_size}")
@@ -191,16 +215,38 @@ def build_step_layout(
     for rank_groups in groups:
         while len(rank_groups) < num_micro_batches and _split_largest(rank_groups):
             pass
-    layout: list[list[MicroBatch]] = []
-    for rank_groups in groups:
-        micro_batches = [make(g, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of) for g in rank_groups]
+
+    def lay_out(rank_groups: list[list[TokenizedSample]], pad_id: int) -> list[MicroBatch]:
+        micro_batches = [make(g, pad_token_id=pad_id, pad_to_multiple_of=pad_to_multiple_of) for g in rank_groups]
         while len(micro_batches) < num_micro_batches:
-            micro_batches.append(
-                make_filler_micro_batch(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
-            )
-        layout.append(micro_batches)
+            micro_batches.append(make_filler_micro_batch(pad_token_id=pad_id, pad_to_multiple_of=pad_to_multiple_of))
+        return micro_batches
+
+    layout = [lay_out(rank_groups, pad_token_id) for rank_groups in groups]
     global_num_loss_tokens = sum(mb.num_loss_tokens for shard in layout for mb in shard)
-    return StepLayout(shards=layout, global_num_loss_tokens=global_num_loss_tokens, epoch=epoch, step=step)
+    if teacher_samples is None:
+        return StepLayout(shards=layout, global_num_loss_tokens=global_num_loss_tokens, epoch=epoch, step=step)
+    missing = sorted({s.sample_id for s in samples} - set(teacher_samples))
+    if missing:
+        raise ValueError(f"teacher_samples has no teacher tokenization of sample(s) {missing[:5]}")
+    teacher_pad = pad_token_id if teacher_pad_token_id is None else teacher_pad_token_id
+    teacher_layout = [
+        lay_out([[teacher_samples[s.sample_id] for s in group] for group in rank_groups], teacher_pad)
+        for rank_groups in groups
+    ]
+    for shard, teacher_shard in zip(layout, teacher_layout):
+        for micro_batch, teacher_batch in zip(shard, teacher_shard):
+            if micro_batch.num_kd_tokens != teacher_batch.num_loss_tokens:
+                raise ValueError(
+                    f"samples {micro_batch.sample_ids}: the student has {micro_batch.num_kd_tokens} aligned "
+                    f"predictions but the teacher {teacher_batch.num_loss_tokens}: pair the samples with "
+                    "kdscale.algorithms.cross_tokenizer.pair_samples"
+                )
+    return StepLayout(
+        shards=layout, global_num_loss_tokens=global_num_loss_tokens, epoch=epoch, step=step,
+        teacher_shards=teacher_layout,
+        global_num_kd_tokens=sum(mb.num_loss_tokens for shard in teacher_layout for mb in shard),
+    )  # fmt: skip
 
 
 class StepSampler:

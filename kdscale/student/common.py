@@ -46,9 +46,11 @@ def validate_student_args(
     mixed_precision: str,
     device: str,
     grad_clip: float,
+    cross_tokenizer: bool = False,
 ) -> dict[str, Any]:
     """Check the constructor arguments common to every backend; returns the loss keyword arguments (a copy,
-    with ``compute_dtype`` parsed)."""
+    with ``compute_dtype`` parsed). ``cross_tokenizer``: teacher and student vocabularies differ (the teacher head
+    need not cover the student's ``vocab_size``)."""
     loss = dict(loss or {})
     unknown = sorted(set(loss) - set(LOSS_KEYS))
     if unknown:
@@ -61,7 +63,7 @@ def validate_student_args(
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if teacher_head.dim() != 2:
         raise ValueError(f"teacher_head must be [V_teacher, H_teacher], got shape {tuple(teacher_head.shape)}")
-    if not 0 < vocab_size <= teacher_head.shape[0]:
+    if not 0 < vocab_size <= (float("inf") if cross_tokenizer else teacher_head.shape[0]):
         raise ValueError(
             f"vocab_size ({vocab_size}) must be in [1, teacher head rows = {teacher_head.shape[0]}]: pass the "
             "tokenizer's vocabulary size, and the teacher head that covers it"
@@ -91,10 +93,11 @@ def teacher_hidden_error(
                 f"teacher hidden of micro-batch {index} has shape {tuple(hidden.shape)}; expected "
                 f"[num_loss_tokens, {hidden_size}] (the teacher head's hidden size)"
             )
-        if hidden.shape[0] != micro_batch.num_loss_tokens:
+        if hidden.shape[0] != micro_batch.num_kd_tokens:
+            what = "loss tokens (loss_mask" if micro_batch.kd_mask is None else "aligned predictions (kd_mask"
             return RuntimeError(
                 f"teacher hidden of micro-batch {index} has {hidden.shape[0]} rows but the micro-batch has "
-                f"{micro_batch.num_loss_tokens} loss tokens (loss_mask[:, 1:].sum()): the teacher output "
+                f"{micro_batch.num_kd_tokens} {what}[:, 1:].sum()): the teacher output "
                 "does not belong to this micro-batch"
             )
     return None
@@ -119,17 +122,30 @@ def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def per_token_losses(
-    loss_kwargs: dict[str, Any], kd_sum: float, ce_sum: float, num_loss_tokens: int
+    loss_kwargs: dict[str, Any], kd_sum: float, ce_sum: float, num_loss_tokens: int, num_kd_tokens: int | None = None
 ) -> tuple[float, float, float]:
-    """(loss, kd, ce) per loss token from the global sums, ``loss`` mixed with the configured ``kd_ratio``."""
+    """(loss, kd, ce) per token from the global sums, ``loss`` mixed with the configured ``kd_ratio``.
+
+    ``kd`` is per KD token: per aligned prediction under cross-tokenizer distillation (``num_kd_tokens``), else
+    per loss token; ``ce`` is per loss token."""
     kd_ratio = loss_kwargs.get("kd_ratio", 1.0)
-    kd, ce = kd_sum / num_loss_tokens, ce_sum / num_loss_tokens
+    kd_tokens = num_loss_tokens if num_kd_tokens is None else num_kd_tokens
+    kd, ce = kd_sum / max(kd_tokens, 1), ce_sum / num_loss_tokens
     return kd_ratio * kd + (1.0 - kd_ratio) * ce, kd, ce
 
 
 def eval_metrics(
-    loss_kwargs: dict[str, Any], kd_sum: float, ce_sum: float, kl_sum: float, num_loss_tokens: int
+    loss_kwargs: dict[str, Any],
+    kd_sum: float,
+    ce_sum: float,
+    kl_sum: float,
+    num_loss_tokens: int,
+    num_kd_tokens: int | None = None,
 ) -> dict[str, float]:
-    """The dictionary ``evaluate`` returns, from the global sums."""
-    loss, kd, ce = per_token_losses(loss_kwargs, kd_sum, ce_sum, num_loss_tokens)
-    return {"kl": kl_sum / num_loss_tokens, "loss": loss, "kd": kd, "ce": ce, "num_loss_tokens": num_loss_tokens}
+    """The dictionary ``evaluate`` returns, from the global sums (``kl`` per KD token, see per_token_losses)."""
+    loss, kd, ce = per_token_losses(loss_kwargs, kd_sum, ce_sum, num_loss_tokens, num_kd_tokens)
+    kd_tokens = num_loss_tokens if num_kd_tokens is None else num_kd_tokens
+    out = {"kl": kl_sum / max(kd_tokens, 1), "loss": loss, "kd": kd, "ce": ce, "num_loss_tokens": num_loss_tokens}
+    if num_kd_tokens is not None:
+        out["num_kd_tokens"] = num_kd_tokens
+    return out

@@ -78,10 +78,12 @@ class FSDP2Backend:
         device: str = "cpu",
         attn_implementation: str = "eager",
         teacher_head_dtype: str | torch.dtype = torch.bfloat16,
+        cross_tokenizer: dict[str, Any] | None = None,
     ) -> None:
         loss = validate_student_args(
             teacher_head=teacher_head,
             vocab_size=vocab_size,
+            cross_tokenizer=cross_tokenizer is not None,
             loss=loss,
             mixed_precision=mixed_precision,
             device=device,
@@ -102,6 +104,9 @@ class FSDP2Backend:
         self.attn_implementation = attn_implementation
         self.teacher_head_dtype = as_dtype(teacher_head_dtype, "teacher_head_dtype")
         self._teacher_head_source = teacher_head
+        self.cross_tokenizer = None
+        if cross_tokenizer is not None:  # the projector maps the teacher's hidden size to the student's
+            self.cross_tokenizer = {**cross_tokenizer, "teacher_hidden_size": int(teacher_head.shape[1])}
         self._step = 0
         self._is_setup = False
 
@@ -141,7 +146,9 @@ class FSDP2Backend:
                 "tokenizer's vocabulary size, and a student whose vocabulary covers it"
             )
         self.hf_config = model.config
-        self.module = DistillationModule(model, vocab_size=self.vocab_size, loss_kwargs=self.loss_kwargs)
+        self.module = DistillationModule(
+            model, vocab_size=self.vocab_size, loss_kwargs=self.loss_kwargs, cross_tokenizer=self.cross_tokenizer
+        )
         apply_activation_checkpointing(model, enabled=self.activation_checkpointing)
         apply_fsdp(self.module, decoder_layers(model), mesh=self.mesh, mixed_precision=self.mixed_precision)
         # If this torch cannot make FSDP2 sum gradients, scale the loss so that its average is the sum.
@@ -193,24 +200,34 @@ class FSDP2Backend:
         return teacher_hidden_error(micro_batches, teacher_hidden, self.teacher_head.shape[1])
 
     def _check_step_inputs(
-        self, micro_batches: list[MicroBatch], teacher_hidden: list[torch.Tensor], global_num_loss_tokens: int
+        self,
+        micro_batches: list[MicroBatch],
+        teacher_hidden: list[torch.Tensor],
+        global_num_loss_tokens: int,
+        global_num_kd_tokens: int | None = None,
     ) -> tuple[int, int]:
         """Validate the inputs of every rank (one all-gather, so that all ranks raise together instead of some
         waiting forever in an FSDP collective); returns (global loss tokens, global tokens)."""
         error = self._local_input_error(micro_batches, teacher_hidden)
+        if error is None and (self.cross_tokenizer is not None) != (global_num_kd_tokens is not None):
+            error = ValueError(
+                "global_num_kd_tokens (the step's aligned predictions) must be given exactly when the backend "
+                f"distills across tokenizers (cross_tokenizer={self.cross_tokenizer is not None})"
+            )
         local = torch.tensor(
             [
                 int(error is not None),
                 len(micro_batches),
                 sum(mb.num_loss_tokens for mb in micro_batches),
                 sum(mb.num_tokens for mb in micro_batches),
+                sum(mb.num_kd_tokens for mb in micro_batches),
             ],
             dtype=torch.int64,
             device=self.device,
         )
         gathered = [torch.zeros_like(local) for _ in range(self._world_size)]
         dist.all_gather(gathered, local)
-        failed, counts = torch.stack(gathered).cpu().split([1, 3], dim=1)
+        failed, counts = torch.stack(gathered).cpu().split([1, 4], dim=1)
         if error is not None:
             raise error
         if failed.any():
@@ -224,11 +241,22 @@ class FSDP2Backend:
             )
         total_loss_tokens, total_tokens = int(counts[:, 1].sum()), int(counts[:, 2].sum())
         check_global_loss_tokens(total_loss_tokens, global_num_loss_tokens)
+        if global_num_kd_tokens is not None and int(counts[:, 3].sum()) != global_num_kd_tokens:
+            raise ValueError(
+                f"global_num_kd_tokens={global_num_kd_tokens} but the micro-batches of all ranks hold "
+                f"{int(counts[:, 3].sum())} aligned predictions: pass StepLayout.global_num_kd_tokens of this step"
+            )
         return total_loss_tokens, total_tokens
 
     def _forward(
-        self, micro_batch: MicroBatch, teacher_hidden: torch.Tensor, normalizer: float, with_forward_kl: bool = False
+        self,
+        micro_batch: MicroBatch,
+        teacher_hidden: torch.Tensor,
+        normalizer: float,
+        with_forward_kl: bool = False,
+        kd_normalizer: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        kd_mask = micro_batch.kd_mask
         return self.module(
             micro_batch.input_ids.to(self.device, non_blocking=True),
             micro_batch.attention_mask.to(self.device, non_blocking=True),
@@ -238,6 +266,8 @@ class FSDP2Backend:
             normalizer,
             with_forward_kl,
             None if micro_batch.position_ids is None else micro_batch.position_ids.to(self.device, non_blocking=True),
+            None if kd_mask is None else kd_mask.to(self.device, non_blocking=True),
+            kd_normalizer,
         )
 
     def train_step(
@@ -246,15 +276,21 @@ class FSDP2Backend:
         teacher_hidden: list[torch.Tensor],
         *,
         global_num_loss_tokens: int,
+        global_num_kd_tokens: int | None = None,
     ) -> StepMetrics:
-        """Forward/backward over this rank's micro-batches, then clip, AdamW step, schedule step, zero grads."""
+        """Forward/backward over this rank's micro-batches, then clip, AdamW step, schedule step, zero grads.
+
+        ``global_num_kd_tokens``: cross-tokenizer only, the step's aligned predictions (the KD normalizer)."""
         self._require_setup()
         start = time.perf_counter()
-        num_loss_tokens, num_tokens = self._check_step_inputs(micro_batches, teacher_hidden, global_num_loss_tokens)
+        num_loss_tokens, num_tokens = self._check_step_inputs(
+            micro_batches, teacher_hidden, global_num_loss_tokens, global_num_kd_tokens
+        )
+        kd_normalizer = None if global_num_kd_tokens is None else float(max(global_num_kd_tokens, 1))
         self.module.train()
         sums = torch.zeros(2, dtype=torch.float64)
         for micro_batch, hidden in zip(micro_batches, teacher_hidden):
-            loss, stats = self._forward(micro_batch, hidden, float(global_num_loss_tokens))
+            loss, stats = self._forward(micro_batch, hidden, float(global_num_loss_tokens), kd_normalizer=kd_normalizer)
             (loss * self._grad_scale if self._grad_scale != 1.0 else loss).backward()
             sums += stats
         kd_sum, ce_sum = all_reduce_sum(sums, self.device).tolist()
@@ -266,7 +302,7 @@ class FSDP2Backend:
         self.optimizer.zero_grad(set_to_none=True)
         self._step += 1
 
-        mean_loss, kd, ce = per_token_losses(self.loss_kwargs, kd_sum, ce_sum, num_loss_tokens)
+        mean_loss, kd, ce = per_token_losses(self.loss_kwargs, kd_sum, ce_sum, num_loss_tokens, global_num_kd_tokens)
         return StepMetrics(
             loss=mean_loss,
             kd=kd,
@@ -295,19 +331,27 @@ class FSDP2Backend:
         teacher_hidden: list[torch.Tensor],
         *,
         global_num_loss_tokens: int,
+        global_num_kd_tokens: int | None = None,
     ) -> dict[str, float]:
-        """Per-token forward KL(teacher || student) at T=1 and the configured loss over the global eval batch."""
+        """Per-token forward KL(teacher || student) at T=1 and the configured loss over the global eval batch.
+
+        Cross-tokenizer: ``kl`` is over the aligned predictions, on the vocabulary the tokenizers share."""
         self._require_setup()
-        num_loss_tokens, _ = self._check_step_inputs(micro_batches, teacher_hidden, global_num_loss_tokens)
+        num_loss_tokens, _ = self._check_step_inputs(
+            micro_batches, teacher_hidden, global_num_loss_tokens, global_num_kd_tokens
+        )
+        kd_normalizer = None if global_num_kd_tokens is None else float(max(global_num_kd_tokens, 1))
         self.module.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         for micro_batch, hidden in zip(micro_batches, teacher_hidden):
-            _, stats = self._forward(micro_batch, hidden, float(global_num_loss_tokens), with_forward_kl=True)
+            _, stats = self._forward(
+                micro_batch, hidden, float(global_num_loss_tokens), with_forward_kl=True, kd_normalizer=kd_normalizer
+            )
             sums += stats
         self.module.reshard()  # the root stays unsharded after a forward without backward: free it
         self.module.train()
         kd_sum, ce_sum, kl_sum = all_reduce_sum(sums, self.device).tolist()
-        return eval_metrics(self.loss_kwargs, kd_sum, ce_sum, kl_sum, num_loss_tokens)
+        return eval_metrics(self.loss_kwargs, kd_sum, ce_sum, kl_sum, num_loss_tokens, global_num_kd_tokens)
 
     # ---------------------------------------------------------------- checkpoints
 
