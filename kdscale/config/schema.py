@@ -337,6 +337,35 @@ class OnPolicyConfig(StrictModel):
                                     "teacher's).")
 
 
+class CrossTokenizerConfig(StrictModel):
+    """Distillation between a teacher and a student with DIFFERENT tokenizers (``kdscale.algorithms.cross_tokenizer``).
+
+    Every row is tokenized twice, with the student's tokenizer and chat template and with the teacher's; the two
+    are aligned on the response text by character offsets, and the KD term runs over the aligned predictions only
+    (the CE term, if any, over all of the student's targets).
+    """
+
+    method: Literal["none", "shared_vocab", "dskd"] = Field(
+        "none", description="'none': one tokenizer on both sides (checked). 'shared_vocab': KD over the vocabulary "
+        "entries the two tokenizers share, renormalized on both sides. 'dskd': a trained projection of the teacher's "
+        "hidden states into the student's space, KD through the student's own head (DSKD).",
+    )
+    teacher_chat_template: str | None = Field(
+        None, description="Jinja chat template of the teacher side (default: the teacher tokenizer's own)."
+    )
+    projector_ce_weight: float = Field(
+        1.0, ge=0, description="dskd: weight of the projector's cross-entropy term (it trains the projector)."
+    )
+    min_aligned_fraction: float = Field(
+        0.2, ge=0, le=1, description="Stop before training if fewer of the training set's student target tokens "
+        "than this have an aligned teacher prediction (a sign of a wrong template or tokenizer).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 class KDConfig(StrictModel):
     """A whole run."""
 
@@ -345,6 +374,7 @@ class KDConfig(StrictModel):
         "own samples scored by the teacher (section on_policy).",
     )
     on_policy: OnPolicyConfig = OnPolicyConfig()
+    cross_tokenizer: CrossTokenizerConfig = CrossTokenizerConfig()
     run: RunConfig = RunConfig()
     teacher: TeacherConfig
     student: StudentConfig
@@ -359,6 +389,28 @@ class KDConfig(StrictModel):
     @property
     def run_dir(self) -> str:
         return self.run.output_dir.replace("{name}", self.run.name)
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_supported(self):
+        if not self.cross_tokenizer.enabled:
+            return self
+        method = self.cross_tokenizer.method
+        if self.student.backend != "fsdp2":
+            raise ValueError(
+                f"cross_tokenizer.method={method} is not yet supported with student.backend=megatron (the aligned-row "
+                "loss and the DSKD projector are wired into the FSDP2 student only): use student.backend=fsdp2"
+            )
+        if self.algorithm != "off_policy":
+            raise ValueError(
+                f"cross_tokenizer.method={method} is not yet supported with algorithm={self.algorithm} (rollouts "
+                "would need re-tokenizing with the teacher's tokenizer): use algorithm=off_policy"
+            )
+        if self.student.model_path is None:
+            raise ValueError(
+                f"cross_tokenizer.method={method} needs a student with its own tokenizer (student.model_path); "
+                "a student derived from teacher layers shares the teacher's tokenizer: set cross_tokenizer.method=none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _on_policy_supported(self):

@@ -101,7 +101,8 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
     _write_atomically(run_dir / "config.yaml", dump_config(cfg))
 
     models = prepare_models(cfg)
-    train_samples, eval_samples = _load_datasets(cfg, models)
+    data = _load_datasets(cfg, models)
+    train_samples, eval_samples = data.train, data.eval
     from kdscale.data import StepSampler, build_step_layout
 
     on_policy = cfg.algorithm == "on_policy"
@@ -111,16 +112,18 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
     )
     total_steps = cfg.run.max_steps or sampler.steps_per_epoch * cfg.run.num_epochs
 
-    def layout(samples: list, step: int, epoch: int) -> StepLayout:
+    def layout(samples: list, step: int, epoch: int, teacher_samples: dict | None = None) -> StepLayout:
         return build_step_layout(
             samples, dp_size=cfg.student.dp_size, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
             pad_token_id=_pad_id(models.tokenizer), step=step, epoch=epoch, packing=cfg.data.packing,
+            teacher_samples=teacher_samples,
+            teacher_pad_token_id=_pad_id(models.teacher_tokenizer) if teacher_samples is not None else None,
         )
 
     with ray_cluster(cfg, run_dir):
         plan = _plan(cfg)
         pool = _start_teachers(cfg, models, plan)
-        students = _start_students(cfg, models, total_steps, plan)
+        students = _start_students(cfg, models, total_steps, plan, data.shared_vocab)
         source = None
         if on_policy:
             from kdscale.controller.on_policy import OnPolicySource
@@ -147,7 +150,7 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
                                 progress_bar=cfg.run.progress_bar, start_step=start_step)
         metrics.truncate_after(start_step)
         ledger = _Ledger(run_dir / "ledger.jsonl", start_step)
-        eval_layout = layout(eval_samples, 0, 0) if eval_samples else None
+        eval_layout = layout(eval_samples, 0, 0, data.teacher_eval) if eval_samples else None
         eval_keys = _submit(pool, eval_layout, "eval", consumer_nodes) if eval_layout else None
         last_saved = start_step if resume_from is not None else None
 
@@ -176,7 +179,7 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
                         step_in_epoch = sampler.step_in_epoch
                         epoch, indices = sampler.next_step()
                         step_samples = [train_samples[i] for i in indices]
-                    step_layout = layout(step_samples, next_to_plan, epoch)
+                    step_layout = layout(step_samples, next_to_plan, epoch, data.teacher_train)
                     keys = _submit(pool, step_layout, next_to_plan, consumer_nodes)
                     planned.append(_PlannedStep(next_to_plan, epoch, step_in_epoch, step_layout, keys))
                     next_to_plan += 1
@@ -264,15 +267,30 @@ def _check_resumable(cfg: KDConfig, state: dict, checkpoint: Path) -> None:
         )
 
 
-def _load_datasets(cfg: KDConfig, models: PreparedModels) -> tuple[list, list]:
-    """Read and tokenize the train and eval files once, here in the driver; report rejected rows."""
+@dataclass
+class _Datasets:
+    """The tokenized train and eval samples; under cross-tokenizer distillation also the teacher's tokenization of
+    every sample (by sample id) and the shared vocabulary."""
+
+    train: list
+    eval: list
+    teacher_train: dict | None = None
+    teacher_eval: dict | None = None
+    shared_vocab: Any = None
+
+
+def _load_datasets(cfg: KDConfig, models: PreparedModels) -> _Datasets:
+    """Read and tokenize the train and eval files once, here in the driver; report rejected rows. Cross-tokenizer:
+    tokenize them with the teacher's tokenizer too, align the two, log the alignment quality."""
     from kdscale.data import read_jsonl, tokenize_rows
 
     log = get_logger("kdscale.data")
-    out = []
+    cross = cfg.cross_tokenizer
+    out, teacher_out = [], []
     for path in (cfg.data.train_path, cfg.data.eval_path):
         if path is None:
             out.append([])
+            teacher_out.append(None)
             continue
         rows, stats = read_jsonl(path, max_bad_fraction=cfg.data.max_bad_fraction)
         samples, stats = tokenize_rows(
@@ -281,14 +299,43 @@ def _load_datasets(cfg: KDConfig, models: PreparedModels) -> tuple[list, list]:
         log.info(stats.summary())
         if path == cfg.data.eval_path and cfg.data.max_eval_samples:
             samples = samples[: cfg.data.max_eval_samples]
+        teacher_samples = None
+        if cross.enabled:
+            from kdscale.algorithms.cross_tokenizer import pair_samples
+
+            samples, teacher_samples, report = pair_samples(
+                rows, samples, models.tokenizer, models.teacher_tokenizer, max_seq_len=cfg.data.max_seq_len,
+                truncation=cfg.data.truncation, teacher_chat_template=cross.teacher_chat_template,
+            )  # fmt: skip
+            log.info(report.summary(str(path)))
+            if path == cfg.data.train_path and report.aligned_fraction < cross.min_aligned_fraction:
+                raise ConfigError("(cross_tokenizer)", [
+                    f"only {report.aligned_fraction:.1%} of the training set's student target tokens have an aligned "
+                    f"teacher prediction, below cross_tokenizer.min_aligned_fraction={cross.min_aligned_fraction}: "
+                    "check that the teacher's chat template (cross_tokenizer.teacher_chat_template) renders the "
+                    "response text unchanged, or lower min_aligned_fraction",
+                ])  # fmt: skip
         out.append(samples)
+        teacher_out.append(teacher_samples)
     if len(out[0]) < cfg.data.global_batch_size:
         raise ConfigError(
             "(data)",
             [f"data.train_path has {len(out[0])} usable rows, fewer than data.global_batch_size "
              f"{cfg.data.global_batch_size}: add data or lower the batch size"],
         )
-    return out[0], out[1]
+    data = _Datasets(out[0], out[1], teacher_out[0], teacher_out[1])
+    if cross.enabled:
+        from kdscale.algorithms.token_alignment import shared_vocab
+
+        data.shared_vocab = shared_vocab(models.teacher_tokenizer, models.tokenizer)
+        if not len(data.shared_vocab):
+            raise ConfigError("(cross_tokenizer)", [
+                "the teacher's and the student's tokenizers share no vocabulary entry: the aligned KL cannot be "
+                "measured (and shared_vocab has nothing to distill); use tokenizers of the same script",
+            ])  # fmt: skip
+        log.info("shared vocabulary: " + ", ".join(f"{k.split('/')[-1]}={v:.4g}"
+                                                    for k, v in data.shared_vocab.stats().items()))
+    return data
 
 
 def _plan(cfg: KDConfig) -> PlacementPlan:
@@ -329,7 +376,8 @@ def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan) 
     return pool
 
 
-def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int, plan: PlacementPlan) -> list[_Student]:
+def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int, plan: PlacementPlan,
+                    shared: Any = None) -> list[_Student]:
     from kdscale.controller.actors import StudentRank
 
     s = cfg.student
@@ -342,6 +390,11 @@ def _start_students(cfg: KDConfig, models: PreparedModels, total_steps: int, pla
     ]
     master_addr, master_port = ray.get(ranks[0].address.remote(), timeout=cfg.ray.timeout_s)
     kwargs = _student_backend_kwargs(cfg, models, total_steps)
+    if shared is not None:  # cross-tokenizer: the aligned-row loss (the teacher's hidden size comes from its head)
+        kwargs["cross_tokenizer"] = {
+            "method": cfg.cross_tokenizer.method, "projector_ce_weight": cfg.cross_tokenizer.projector_ce_weight,
+            "student_ids": shared.student_ids.tolist(), "teacher_ids": shared.teacher_ids.tolist(),
+        }  # fmt: skip
     infos = ray.get(
         [
             r.setup.remote(
@@ -454,12 +507,13 @@ def _submit(pool: TeacherPool, layout: StepLayout, step: int | str, consumer_nod
 
     Micro-batches go in rounds across the shards (the first of every shard, then the second...), so that the
     demand of every node arrives interleaved and the pool can keep each node's work on that node's replicas."""
-    keys = [[(step, dp_rank, index) for index in range(len(shard))] for dp_rank, shard in enumerate(layout.shards)]
-    rounds = max((len(shard) for shard in layout.shards), default=0)
+    work = layout.teacher_work  # cross-tokenizer: the teacher's own tokenization of the same samples
+    keys = [[(step, dp_rank, index) for index in range(len(shard))] for dp_rank, shard in enumerate(work)]
+    rounds = max((len(shard) for shard in work), default=0)
     pool.submit(
         TeacherWork(keys[dp_rank][index], shard[index], consumer_nodes[dp_rank])
         for index in range(rounds)
-        for dp_rank, shard in enumerate(layout.shards)
+        for dp_rank, shard in enumerate(work)
         if index < len(shard)
     )
     return keys
@@ -481,7 +535,7 @@ def _run_with_teacher_outputs(students: list[_Student], pool: TeacherPool, layou
             [
                 getattr(s.handle, method).remote(
                     layout.shards[s.dp_rank], [by_key[k].ref for k in keys[s.dp_rank]] if s.consumes else [],
-                    layout.global_num_loss_tokens,
+                    layout.global_num_loss_tokens, layout.global_num_kd_tokens,
                 )
                 for s in students
             ],
@@ -564,6 +618,7 @@ def _step_metrics(results: list[dict], planned: _PlannedStep, teacher: list, *, 
         "train/lr": first["lr"],
         "train/grad_norm": first["grad_norm"],
         "train/num_loss_tokens": planned.layout.global_num_loss_tokens,
+        **_aligned_metrics(planned.layout, "train"),
         "train/num_tokens": first["num_tokens"],
         "time/teacher_s": teacher_s,
         "time/teacher_wait_s": teacher_wait_s,
@@ -587,10 +642,23 @@ def _evaluate(students: list[_Student], pool: TeacherPool, layout: StepLayout, k
     results, _, _ = _run_with_teacher_outputs(students, pool, layout, keys, "evaluate", cfg)
     kl = float(results[0]["kl"])
     metrics.write({"step": step, "eval/kl": kl, "eval/loss": float(results[0]["loss"]),
-                   "eval/num_loss_tokens": layout.global_num_loss_tokens})
-    metrics.info(f"eval @ step {step}: held-out KL(teacher||student) = {kl:.4f} nats/token "
-                 f"over {layout.global_num_loss_tokens} tokens")
+                   "eval/num_loss_tokens": layout.global_num_loss_tokens, **_aligned_metrics(layout, "eval")})
+    if layout.global_num_kd_tokens is None:
+        metrics.info(f"eval @ step {step}: held-out KL(teacher||student) = {kl:.4f} nats/token "
+                     f"over {layout.global_num_loss_tokens} tokens")
+    else:
+        metrics.info(f"eval @ step {step}: held-out aligned KL(teacher||student) on the shared vocabulary = "
+                     f"{kl:.4f} nats/token over {layout.global_num_kd_tokens} aligned tokens (of "
+                     f"{layout.global_num_loss_tokens})")
     return kl
+
+
+def _aligned_metrics(layout: StepLayout, prefix: str) -> dict[str, float]:
+    """Cross-tokenizer: the aligned predictions of a step and their share of the student's targets."""
+    if layout.global_num_kd_tokens is None:
+        return {}
+    return {f"{prefix}/num_aligned_tokens": layout.global_num_kd_tokens,
+            f"{prefix}/aligned_fraction": layout.global_num_kd_tokens / max(layout.global_num_loss_tokens, 1)}
 
 
 def _save(cfg: KDConfig, run_dir: Path, students: list[_Student], step: int, sampler, position: dict) -> None:

@@ -99,7 +99,8 @@ def preflight(cfg: KDConfig) -> list[str]:
         student = teacher
         student_layers = len(layers)
 
-    if teacher is not None and student is not None and cfg.student.model_path is not None:
+    same_tokenizer = not cfg.cross_tokenizer.enabled
+    if teacher is not None and student is not None and cfg.student.model_path is not None and same_tokenizer:
         if teacher.vocab_size != student.vocab_size:
             # Different padding is fine (the loss slices both heads to the tokenizer's size, checked at start-up);
             # different tokenizers are not (cross-tokenizer distillation is a separate algorithm).
@@ -107,7 +108,8 @@ def preflight(cfg: KDConfig) -> list[str]:
             if not pad_only:
                 problems.append(
                     f"teacher vocab_size {teacher.vocab_size} and student vocab_size {student.vocab_size} differ by "
-                    "more than padding: same-tokenizer distillation needs the same tokenizer"
+                    "more than padding: same-tokenizer distillation needs the same tokenizer (for a student with its "
+                    "own tokenizer set cross_tokenizer.method: shared_vocab or dskd)"
                 )
     if student is not None and student.max_positions and cfg.data.max_seq_len > student.max_positions:
         problems.append(

@@ -21,8 +21,9 @@ class ModelMismatchError(ValueError):
 class PreparedModels:
     teacher_dir: Path
     student_dir: Path
-    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    tokenizer: Any  # transformers PreTrainedTokenizerBase (the student's)
     vocab_size: int  # len(tokenizer): the real vocabulary; head rows beyond it are padding
+    teacher_tokenizer: Any = None  # cross-tokenizer distillation only: the teacher's own tokenizer
 
 
 def prepare_models(cfg: KDConfig) -> PreparedModels:
@@ -47,17 +48,33 @@ def prepare_models(cfg: KDConfig) -> PreparedModels:
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+    cross = cfg.cross_tokenizer.enabled
+    same_vocab = tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    if not cross and not same_vocab:
         raise ModelMismatchError(
             f"the student tokenizer ({student_dir}, {len(tokenizer)} tokens) differs from the teacher's "
-            f"({teacher_dir}, {len(teacher_tokenizer)} tokens): same-tokenizer distillation needs one tokenizer"
+            f"({teacher_dir}, {len(teacher_tokenizer)} tokens): same-tokenizer distillation needs one tokenizer; "
+            "for a student with its own tokenizer set cross_tokenizer.method (shared_vocab or dskd)"
         )
+    if cross:
+        if same_vocab:
+            log.warning("cross_tokenizer.method is set but teacher and student have the same tokenizer: "
+                        "cross_tokenizer.method=none distills every target token, not only the aligned ones")
+        for label, tok, model_dir in (("student", tokenizer, student_dir), ("teacher", teacher_tokenizer, teacher_dir)):
+            if not getattr(tok, "is_fast", False):
+                raise ModelMismatchError(
+                    f"the {label} tokenizer ({model_dir}) is a slow tokenizer without character offsets: "
+                    "cross-tokenizer alignment needs fast tokenizers (a tokenizer.json in the model directory)"
+                )
     vocab_size = len(tokenizer)
-    for label, model_dir in (("teacher", teacher_dir), ("student", student_dir)):
+    sides = (("teacher", teacher_dir, len(teacher_tokenizer) if cross else vocab_size),
+             ("student", student_dir, vocab_size))
+    for label, model_dir, tokens in sides:
         rows = int(read_model_config(model_dir)["vocab_size"])
-        if rows < vocab_size:
+        if rows < tokens:
             raise ModelMismatchError(
-                f"the {label} model has {rows} vocabulary rows but the tokenizer has {vocab_size} tokens: "
+                f"the {label} model has {rows} vocabulary rows but its tokenizer has {tokens} tokens: "
                 "the model cannot score every token; use the model's own tokenizer"
             )
-    return PreparedModels(teacher_dir, student_dir, tokenizer, vocab_size)
+    return PreparedModels(teacher_dir, student_dir, tokenizer, vocab_size,
+                          teacher_tokenizer=teacher_tokenizer if cross else None)

@@ -143,3 +143,23 @@ def test_warmup_longer_than_the_run_is_a_preflight_problem():
                              "student.model_path=s", "data.train_path=d.jsonl", "run.max_steps=2",
                              "optim.warmup_steps=4"])
     assert any("optim.warmup_steps (4) exceeds run.max_steps (2)" in p for p in preflight(cfg))
+
+
+def test_cross_tokenizer_config(tmp_path, tiny_pair):
+    cfg = _base(tmp_path, *tiny_pair)
+    assert load_config(_write(tmp_path, cfg)).cross_tokenizer.enabled is False  # the default: one tokenizer
+    cfg["cross_tokenizer"] = {"method": "dskd", "projector_ce_weight": 0.5}
+    loaded = load_config(_write(tmp_path, cfg))
+    assert loaded.cross_tokenizer.enabled and loaded.cross_tokenizer.projector_ce_weight == 0.5
+    cases = [
+        ({"student": {"backend": "megatron", "model_path": str(tiny_pair[1])}},
+         "not yet supported with student.backend=megatron"),
+        ({"algorithm": "on_policy"}, "not yet supported with algorithm=on_policy"),
+        ({"student": {"backend": "fsdp2", "init_from_teacher_layers": [0]}}, "needs a student with its own tokenizer"),
+        ({"cross_tokenizer": {"method": "dskd", "min_aligned_fraction": 1.5}}, "min_aligned_fraction"),
+        ({"cross_tokenizer": {"method": "shared_vocb"}}, "shared_vocab"),
+    ]  # fmt: skip
+    for change, message in cases:
+        bad = {**cfg, **change}
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path, bad))
