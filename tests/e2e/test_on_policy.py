@@ -107,3 +107,37 @@ def test_on_policy_config_errors(tmp_path, tiny_pair, tiny_data):
         _on_policy(tmp_path, tiny_pair, tiny_data, **{"on_policy.samples_per_prompt": 3})
     with pytest.raises(ConfigError, match="use on_policy.max_staleness"):
         _on_policy(tmp_path, tiny_pair, tiny_data, **{"controller.prefetch_steps": 1})
+
+
+def test_on_policy_resume_continues_exactly(tmp_path, tiny_pair, tiny_data, ray_session):
+    """Stopped after a checkpoint at step 2 and resumed to step 4, a run generates the same rollouts and trains the
+    same losses as an uninterrupted 4-step run: the rollout engine restarts from the checkpoint's weights, the
+    sampler from its position, and rollouts.jsonl keeps only the steps the checkpoint covers."""
+    from kdscale.controller.driver import train
+
+    constant_lr = {"optim.warmup_steps": 0, "optim.min_lr_ratio": 1.0, "run.save_every": 2}  # same schedule for both
+    train(_on_policy(tmp_path / "full", tiny_pair, tiny_data, **{"run.max_steps": 4, **constant_lr}))
+    train(_on_policy(tmp_path / "part", tiny_pair, tiny_data, **{"run.max_steps": 3, **constant_lr}))
+    # The checkpoint of step 3 (the final save) is deleted to resume from step 2: step 3's rollouts and metrics
+    # were already written once, and must be replaced, not duplicated.
+    import shutil
+
+    part_run = tmp_path / "part" / "run"
+    shutil.rmtree(part_run / "checkpoints" / "step_000003")  # the newest complete checkpoint is now step 2's
+    train(_on_policy(tmp_path / "part", tiny_pair, tiny_data, **{"run.max_steps": 4, **constant_lr}))
+
+    full, part = _rollouts(tmp_path / "full" / "run"), _rollouts(part_run)
+    assert [r["step"] for r in part] == [r["step"] for r in full] and len(full) == 4 * 8
+    for a, b in zip(full, part):
+        assert (a["sample_id"], a["completion_ids"], a["weight_version"]) == (
+            b["sample_id"], b["completion_ids"], b["weight_version"])  # fmt: skip
+
+    def losses(run: Path) -> dict[int, float]:
+        return {m["step"]: m["train/loss"] for m in read_metrics(run / "metrics.jsonl") if "train/loss" in m}
+
+    full_losses, part_losses = losses(tmp_path / "full" / "run"), losses(part_run)
+    assert sorted(part_losses) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert part_losses[step] == pytest.approx(full_losses[step], rel=1e-5), step
+    ledger = [json.loads(line)["step"] for line in (part_run / "ledger.jsonl").read_text().splitlines()]
+    assert ledger == [1, 2, 3, 4]
