@@ -122,7 +122,13 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
 
     with ray_cluster(cfg, run_dir):
         plan = _plan(cfg)
-        pool = _start_teachers(cfg, models, plan)
+        prefetch_steps = _prefetch_steps(cfg, plan)
+        sleep_between_steps = _sleep_between_steps(cfg, plan)
+        if sleep_between_steps and cfg.controller.prefetch_steps:
+            log.warning(f"controller.prefetch_steps={cfg.controller.prefetch_steps} ignored: the teacher sleeps between "
+                        "steps (teacher.sleep_between_steps), so it cannot work ahead")
+        pool = _start_teachers(cfg, models, plan, prefetch_steps=prefetch_steps,
+                               sleep_between_steps=sleep_between_steps)
         students = _start_students(cfg, models, total_steps, plan, data.shared_vocab)
         source = None
         if on_policy:
@@ -132,8 +138,6 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
                                     num_threads=_default_threads(cfg, "teacher"))
         consumer_nodes = _consumer_nodes(students, cfg.student.dp_size)
         _open_cache(cfg, models, pool)
-        prefetch_steps = _prefetch_steps(cfg, plan)
-        sleep_between_steps = _sleep_between_steps(cfg, plan)
         start_step = 0
         if resume_from is not None:
             state = run_checkpoints.read_state(resume_from)
@@ -351,7 +355,8 @@ def _plan(cfg: KDConfig) -> PlacementPlan:
     return plan
 
 
-def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan) -> TeacherPool:
+def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan, *, prefetch_steps: int,
+                    sleep_between_steps: bool) -> TeacherPool:
     from kdscale.controller.actors import TeacherReplica
 
     t = cfg.teacher
@@ -359,20 +364,19 @@ def _start_teachers(cfg: KDConfig, models: PreparedModels, plan: PlacementPlan) 
     threads = t.num_threads or _default_threads(cfg, "teacher")
     kwargs = engine_kwargs(t, model_dir=str(models.teacher_dir), transport_dtype=cfg.transport.dtype, device=device,
                            num_threads=t.num_threads if t.engine == "sglang" else threads, seed=cfg.run.seed,
-                           sleep_between_steps=_sleep_between_steps(cfg, plan))
+                           sleep_between_steps=sleep_between_steps)
 
     def make_replica(index: int):
         return TeacherReplica.options(**plan.actor_options(plan.teachers[index])).remote(t.engine, kwargs, threads)
 
     pool = TeacherPool(
         make_replica, t.num_replicas, timeout_s=cfg.ray.timeout_s, max_restarts=cfg.controller.max_teacher_restarts,
-        max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+        max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, engine=t.engine,
     )
-    pool.engine = t.engine
     pool.start()
     get_logger().info(f"{t.num_replicas} teacher replica(s) ready ({t.engine}: {models.teacher_dir}, {threads} "
-                      f"thread(s) each on CPU); prefetch {_prefetch_steps(cfg, plan)} step(s)"
-                      + ("; the teacher sleeps while the student trains" if _sleep_between_steps(cfg, plan) else ""))
+                      f"thread(s) each on CPU); prefetch {prefetch_steps} step(s)"
+                      + ("; the teacher sleeps while the student trains" if sleep_between_steps else ""))
     return pool
 
 
@@ -450,10 +454,7 @@ def _prefetch_steps(cfg: KDConfig, plan: PlacementPlan | None = None) -> int:
     (measured on the 2-core quickstart: overlapping them split the cores and ran 14% slower than one after the
     other). Always 0 while the teacher sleeps between steps (its memory is released while the student trains)."""
     if _sleep_between_steps(cfg, plan):
-        if cfg.controller.prefetch_steps:
-            get_logger().warning(f"controller.prefetch_steps={cfg.controller.prefetch_steps} ignored: the teacher "
-                                 "sleeps between steps (teacher.sleep_between_steps), so it cannot work ahead")
-        return 0
+        return 0  # train() warns once if controller.prefetch_steps asked for more
     if cfg.algorithm == "on_policy":
         return 0  # a step's samples exist once its rollouts do (on_policy.max_staleness overlaps those instead)
     if cfg.controller.prefetch_steps is not None:

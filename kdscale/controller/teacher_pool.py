@@ -92,6 +92,7 @@ class TeacherPool:
         cache: Any = None,
         max_tokens_per_micro_batch: int = 0,
         health_check_s: float = 30.0,
+        engine: str | None = None,
     ) -> None:
         self._make_replica = make_replica
         self.num_replicas = num_replicas
@@ -108,7 +109,7 @@ class TeacherPool:
         self.num_resubmitted = 0
         self.num_restarts = 0
         self.health_check_s = health_check_s
-        self.engine: str | None = None  # the engine name, for engine-specific cleanup by the driver
+        self.engine = engine  # the engine name, for engine-specific cleanup by the driver
         self._last_health_check = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
