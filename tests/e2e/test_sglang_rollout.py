@@ -130,3 +130,40 @@ def test_n_samples_per_prompt(sglang_rollout):
         assert (r.finish_reason == "stop") == (r.completion_ids[-1] in sglang_rollout.eos_token_ids)
         assert r.finish_reason == "stop" or len(r.completion_ids) == 6
     assert len({r.completion_ids for r in rollouts}) > 1
+
+
+def test_on_policy_run_through_the_controller(tmp_path, tiny_pair, ray_session):
+    """``on_policy.rollout_engine=sglang`` in a whole run: after every optimizer step the engine holds the student's
+    weights (read back), each step's rollouts come from the latest weights, and the student trains on them."""
+    import json
+
+    import ray
+
+    from kdscale.controller.driver import train
+    from kdscale.observability.metrics import read_metrics
+    from tests.e2e.test_on_policy import _on_policy
+    from tests.e2e.test_train import _write_data
+
+    data = _write_data(tmp_path / "train.jsonl", 16, 0), _write_data(tmp_path / "eval.jsonl", 4, 1)
+    cfg = _on_policy(tmp_path, tiny_pair, data, **{"on_policy.rollout_engine": "sglang", "run.max_steps": 2,
+                                                   "on_policy.dtype": "float32"})  # fmt: skip
+    compared = []
+
+    def compare_weights(step, view):
+        student = ray.get([h.hf_state_dict.remote() for h in view.student_handles])[0]  # collective; rank 0's
+        assert ray.get(view.rollout_worker.weight_version.remote()) == step  # queued after this step's sync
+        held = ray.get(view.rollout_worker.state_dict.remote())
+        assert held and set(held) <= set(student)
+        for name, tensor in held.items():
+            assert torch.equal(tensor, student[name].float()), (step, name)
+        compared.append(step)
+
+    train(cfg, on_step_end=compare_weights)
+    assert compared == [1, 2]
+    run = tmp_path / "run"
+    rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 * cfg.data.global_batch_size
+    assert all(r["weight_version"] == r["step"] - 1 and r["completion_ids"] for r in rollouts)
+    steps = [m for m in read_metrics(run / "metrics.jsonl") if "train/loss" in m]
+    assert [m["rollout/on_policy"] for m in steps] == [1.0, 1.0]
+    assert not sglang_processes(own=True)  # the run's engine is gone with the run
