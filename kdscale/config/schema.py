@@ -416,12 +416,6 @@ class KDConfig(StrictModel):
     def _on_policy_supported(self):
         if self.algorithm != "on_policy":
             return self
-        if self.student.backend != "fsdp2":
-            raise ValueError(
-                "algorithm=on_policy is not yet supported with student.backend=megatron (the weight sync from "
-                "Megatron's TP/PP shards to the rollout engine's Hugging Face names is not wired yet): use "
-                "student.backend=fsdp2"
-            )
         if self.data.global_batch_size % self.on_policy.samples_per_prompt:
             raise ValueError(
                 f"data.global_batch_size {self.data.global_batch_size} must be a multiple of "

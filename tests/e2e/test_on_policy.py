@@ -98,11 +98,34 @@ def test_staleness_bound_and_lambda_mixing(tmp_path, tiny_pair, tiny_data, ray_s
     assert {r["step"] for r in _rollouts(run)} == {m["step"] for m in on}
 
 
+def test_on_policy_with_the_megatron_student(tmp_path, tiny_pair, tiny_data, ray_session):
+    """The Megatron student at TP=2: after every step the rollout engine holds the student's weights, gathered over
+    the tensor-parallel shards and renamed to Hugging Face names in memory (MegatronBackend.hf_state_dict)."""
+    from kdscale.controller.driver import train
+
+    values = {"algorithm": "on_policy", "on_policy.max_new_tokens": 12, "run.save_every": 0, "run.max_steps": 2,
+              "run.export_hf": False, "run.plot": False, "data.max_tokens_per_micro_batch": 128,
+              "student.backend": "megatron", "student.tensor_parallel_size": 2}  # fmt: skip
+    overrides = [o for o in _overrides(tmp_path, tiny_pair, tiny_data, **values)
+                 if not o.startswith(("student.num_ranks", "student.attn_implementation"))]  # fmt: skip
+    compared = []
+
+    def compare_weights(step, view):
+        student = ray.get([h.hf_state_dict.remote() for h in view.student_handles])
+        assert student[1] is None  # gathered on global rank 0 only
+        engine = ray.get(view.rollout_worker.state_dict.remote())
+        assert set(engine) <= set(student[0]) and "model.embed_tokens.weight" in engine
+        for name, tensor in engine.items():
+            assert torch.equal(student[0][name], tensor), (step, name)
+        compared.append(step)
+
+    train(load_config(None, overrides), on_step_end=compare_weights)
+    assert compared == [1, 2]
+    rollouts = _rollouts(tmp_path / "run")
+    assert len(rollouts) == 2 * 8 and all(r["weight_version"] == r["step"] - 1 for r in rollouts)
+
+
 def test_on_policy_config_errors(tmp_path, tiny_pair, tiny_data):
-    megatron = [o for o in _overrides(tmp_path, tiny_pair, tiny_data, **{"student.backend": "megatron"})
-                if not o.startswith(("student.num_ranks", "student.attn_implementation"))]
-    with pytest.raises(ConfigError, match="not yet supported with student.backend=megatron"):
-        load_config(None, [*megatron, "algorithm=on_policy"])
     with pytest.raises(ConfigError, match="multiple of on_policy.samples_per_prompt 3"):
         _on_policy(tmp_path, tiny_pair, tiny_data, **{"on_policy.samples_per_prompt": 3})
     with pytest.raises(ConfigError, match="use on_policy.max_staleness"):

@@ -671,6 +671,20 @@ class MegatronBackend:
 
         self._step = checkpoint.load_checkpoint(self, path)
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full weights by Hugging Face name on global rank 0 (None elsewhere; every rank must call): what an
+        on-policy rollout engine loads after each optimizer step (gathered over TP and PP in memory)."""
+        self._require_setup()
+        from megatron.core import parallel_state
+
+        from kdscale.student.megatron.weights import gather_hf_state_dict
+
+        return gather_hf_state_dict(
+            self.models, self.hf_config, padded_vocab=self.padded_vocab, tp_group=self.tp_group,
+            tp_size=self.tp_size, tp_rank=self.tp_rank, pp_group=parallel_state.get_pipeline_model_parallel_group(),
+            pp_size=self.pp_size, pp_rank=self.pp_rank, dp_rank=self._dp_rank,
+        )  # fmt: skip
+
     def export_hf(self, path: str) -> None:
         """Write the student as a Hugging Face directory at ``path`` (rank 0 writes; every rank must call)."""
         self._require_setup()

@@ -96,3 +96,75 @@ def load_hf_into_chunks(
     missing = sorted(set(wanted) - filled)
     if missing:
         raise RuntimeError(f"{model_path}: the HF checkpoint provided no weights for {missing[:8]}")
+
+
+def _tp_gather(param: torch.Tensor, *, tp_group: Any, tp_size: int, gated: bool) -> torch.Tensor:
+    """The global (TP=1) tensor of a tensor-parallel parameter: the inverse of :func:`_tp_shard` (collective on
+    ``tp_group``; every TP rank gets it)."""
+    import torch.distributed as dist
+
+    local = param.detach().contiguous()
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return local
+    shards = [torch.empty_like(local) for _ in range(tp_size)]
+    dist.all_gather(shards, local, group=tp_group)
+    if gated:  # each shard is [gate_r; up_r]: the global tensor is [gate_0 .. gate_n; up_0 .. up_n]
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=int(param.partition_dim))
+
+
+def gather_hf_state_dict(
+    chunks: list[torch.nn.Module],
+    hf_config: dict[str, Any],
+    *,
+    padded_vocab: int,
+    tp_group: Any,
+    tp_size: int,
+    tp_rank: int,
+    pp_group: Any,
+    pp_size: int,
+    pp_rank: int,
+    dp_rank: int,
+) -> dict[str, torch.Tensor] | None:
+    """The whole student by Hugging Face name on the rank at (DP 0, PP 0, TP 0) (None on every other rank): the
+    inverse of :func:`load_hf_into_chunks`, in memory (what an on-policy rollout engine loads after each step).
+
+    Collective on the ranks of data-parallel rank 0 (the others return None at once): every TP group gathers its
+    stage's parameters (:func:`_tp_gather`), the TP-rank-0 ranks send their stage's tensors (on the CPU) to the
+    first stage over the pipeline group, where the converter's mapping table turns the global Megatron keys into
+    HF names (the padded vocabulary rows are dropped; a tied output layer is the embedding).
+    """
+    import torch.distributed as dist
+
+    from kdscale.checkpoint.convert.families import get_mapping_table
+    from kdscale.checkpoint.convert.mapping import ModelDims
+
+    if dp_rank != 0:
+        return None
+    tied = bool(hf_config.get("tie_word_embeddings", False))
+    stage: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for chunk in chunks:
+            for local_key, param in chunk.state_dict(keep_vars=True).items():
+                if local_key.endswith("_extra_state") or param is None:
+                    continue
+                key = _global_key(chunk, local_key)
+                if key == _OUTPUT and tied:
+                    continue  # the embedding row gives it
+                gated = local_key.endswith("mlp.linear_fc1.weight") and chunk.config.gated_linear_unit
+                full = _tp_gather(param, tp_group=tp_group, tp_size=tp_size, gated=gated)
+                if tp_rank == 0:  # a copy: the caller keeps it while the parameters train on
+                    stage[key] = full.to("cpu", copy=full.data_ptr() == param.data_ptr())
+    if tp_rank != 0:
+        return None
+    merged = stage
+    if pp_size > 1:
+        gathered: list[Any] | None = [None] * pp_size if pp_rank == 0 else None
+        dist.gather_object(stage, gathered, dst=dist.get_global_rank(pp_group, 0), group=pp_group)
+        if pp_rank != 0:
+            return None
+        merged = {key: tensor for part in gathered for key, tensor in part.items()}
+    table = get_mapping_table(hf_config.get("model_type"))
+    dims = ModelDims.from_hf_config(hf_config, padded_vocab=padded_vocab)
+    return {key: tensor.contiguous() for key, tensor in table.megatron_to_hf(merged, dims)}
