@@ -135,7 +135,8 @@ def train(cfg: KDConfig, *, on_step_end: Callable[[int, RunView], None] | None =
             from kdscale.controller.on_policy import OnPolicySource
 
             source = OnPolicySource(cfg, models, sampler, train_samples, run_dir, device=_device(cfg.student.device),
-                                    num_threads=_default_threads(cfg, "teacher"))
+                                    num_threads=_default_threads(cfg, "teacher"),
+                                    actor_options=plan.actor_options(plan.rollout))
         consumer_nodes = _consumer_nodes(students, cfg.student.dp_size)
         _open_cache(cfg, models, pool)
         start_step = 0
@@ -350,6 +351,7 @@ def _plan(cfg: KDConfig) -> PlacementPlan:
     plan = plan_placement(
         nodes, num_teachers=cfg.teacher.num_replicas, teacher_gpus=teacher_gpus,
         num_students=cfg.student.world_size, student_gpus=student_gpus, mode=cfg.controller.placement,
+        rollout_gpus=(1 if _device(cfg.student.device) == "cuda" else 0) if cfg.algorithm == "on_policy" else None,
     )
     get_logger().info(plan.describe(nodes))
     return plan

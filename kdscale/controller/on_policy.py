@@ -48,8 +48,11 @@ class OnPolicySource:
     """Draws each step's prompts, queues their generation on the rollout worker, hands the samples to the driver."""
 
     def __init__(self, cfg: Any, models: Any, sampler: Any, train_samples: list, run_dir: Path, *, device: str,
-                 num_threads: int | None) -> None:
+                 num_threads: int | None, actor_options: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        # Ray options of the rollout worker: its slot in the placement plan (GPUs, node); default one GPU anywhere
+        self.actor_options = actor_options if actor_options is not None else (
+            {"num_gpus": 1} if device == "cuda" else {})
         self.policy = cfg.on_policy
         self.sampler = sampler
         self.train_samples = train_samples
@@ -77,8 +80,7 @@ class OnPolicySource:
             kwargs["num_threads"] = p.num_threads or self.num_threads
         else:
             kwargs.update(num_threads=p.num_threads, seed=self.cfg.run.seed)
-        options = {"num_gpus": 1} if self.device == "cuda" else {}
-        self.worker = RolloutWorker.options(**options).remote(p.rollout_engine, kwargs, p.num_threads or self.num_threads)
+        self.worker = RolloutWorker.options(**self.actor_options).remote(p.rollout_engine, kwargs, p.num_threads or self.num_threads)
         ray.get(self.worker.start.remote(), timeout=self.cfg.ray.timeout_s)
         self._next_step = start_step + 1
         if self.rollouts_path.exists():  # a resumed run keeps the rollouts of the steps it keeps

@@ -12,6 +12,9 @@ Design:
   simply shares the memory.
 - ``auto``: ``separate`` when the GPUs suffice for it, else ``colocated``.
 - CPU-only actors (``teacher_gpus == student_gpus == 0``) get no node constraint: Ray spreads them.
+- On-policy runs add one rollout worker (``rollout_gpus`` > 0 on GPUs): under ``separate`` it takes whole GPUs
+  right after the teacher replicas; under ``colocated`` the free half of a student's GPU that hosts no teacher
+  replica (an error if every student GPU already hosts one).
 
 Errors show the arithmetic that failed and the fix.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Role = Literal["teacher", "student"]
+Role = Literal["teacher", "student", "rollout"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class PlacementPlan:
     mode: str  # "cpu" | "separate" | "colocated"
     teachers: list[ActorSlot] = field(default_factory=list)
     students: list[ActorSlot] = field(default_factory=list)
+    rollout: ActorSlot | None = None  # on-policy runs: the rollout worker
 
     def actor_options(self, slot: ActorSlot) -> dict[str, Any]:
         """Ray ``.options(...)`` for the actor of ``slot``."""
@@ -62,15 +66,18 @@ class PlacementPlan:
 
     def describe(self, nodes: list[NodeInfo]) -> str:
         """One line per node: which teacher replicas and student ranks it hosts."""
+        rollout = " + the rollout worker" if self.rollout is not None else ""
         if self.mode == "cpu":
-            return f"placement: cpu ({len(self.teachers)} teacher replica(s), {len(self.students)} student rank(s))"
+            return (f"placement: cpu ({len(self.teachers)} teacher replica(s), {len(self.students)} student rank(s)"
+                    f"{rollout})")
         lines = [f"placement: {self.mode}"]
         for node in nodes:
             teachers = [s.index for s in self.teachers if s.node_id == node.node_id]
             students = [s.index for s in self.students if s.node_id == node.node_id]
-            if teachers or students:
+            here = self.rollout is not None and self.rollout.node_id == node.node_id
+            if teachers or students or here:
                 lines.append(f"  node {node.address} ({node.num_gpus} GPUs): teacher replicas {teachers or '-'}, "
-                             f"student ranks {students or '-'}")
+                             f"student ranks {students or '-'}" + (", the rollout worker" if here else ""))
         return "\n".join(lines)
 
 
@@ -94,11 +101,22 @@ def plan_placement(
     num_students: int,
     student_gpus: int,
     mode: str = "auto",
+    rollout_gpus: int | None = None,
 ) -> PlacementPlan:
-    """Place ``num_teachers`` replicas of ``teacher_gpus`` GPUs and ``num_students`` ranks of ``student_gpus`` GPUs.
+    """Place ``num_teachers`` replicas of ``teacher_gpus`` GPUs and ``num_students`` ranks of ``student_gpus`` GPUs,
+    and (on-policy: ``rollout_gpus`` not None) one rollout worker of ``rollout_gpus`` GPUs.
 
     ``teacher_gpus``/``student_gpus`` are 0 (CPU actors) or whole GPUs per actor (a student rank uses one).
     """
+    plan = _place_teachers_and_students(nodes, num_teachers, teacher_gpus, num_students, student_gpus, mode,
+                                        rollout_gpus or 0)  # fmt: skip
+    if rollout_gpus is not None:
+        plan.rollout = _place_rollout(plan, nodes, rollout_gpus)
+    return plan
+
+
+def _place_teachers_and_students(nodes, num_teachers, teacher_gpus, num_students, student_gpus, mode,
+                                 rollout_gpus) -> PlacementPlan:  # fmt: skip
     if mode not in ("auto", "separate", "colocated"):
         raise ValueError(f"controller.placement must be auto, separate or colocated, got {mode!r}")
     if teacher_gpus == 0 and student_gpus == 0:
@@ -110,7 +128,7 @@ def plan_placement(
     if student_gpus not in (0, 1):
         raise ValueError(f"a student rank uses one GPU (got {student_gpus})")
     total = sum(n.num_gpus for n in nodes)
-    need_separate = num_teachers * teacher_gpus + num_students * student_gpus
+    need_separate = num_teachers * teacher_gpus + num_students * student_gpus + rollout_gpus
     if mode == "auto":
         mode = "separate" if total >= need_separate or student_gpus == 0 or teacher_gpus == 0 else "colocated"
     if mode == "separate" or student_gpus == 0 or teacher_gpus == 0:
@@ -122,7 +140,10 @@ def _separate(nodes, num_teachers, teacher_gpus, num_students, student_gpus, tot
     if total < need:
         raise ValueError(
             f"placement 'separate' needs {num_teachers} teacher replica(s) x {teacher_gpus} GPU(s) + "
-            f"{num_students} student rank(s) x {student_gpus} GPU = {need} GPUs but the cluster has {total} "
+            f"{num_students} student rank(s) x {student_gpus} GPU"
+            + (f" + {need - num_teachers * teacher_gpus - num_students * student_gpus} for the rollout worker"
+               if need > num_teachers * teacher_gpus + num_students * student_gpus else "")
+            + f" = {need} GPUs but the cluster has {total} "
             f"({', '.join(f'{n.address}: {n.num_gpus}' for n in nodes)}): add nodes, lower teacher.num_replicas, "
             "or set controller.placement=colocated"
         )
@@ -180,6 +201,41 @@ def _colocated(nodes, num_teachers, teacher_gpus, num_students, total) -> Placem
                 hosts.append(per_node[n.node_id].pop(0).node_id)
     teachers = [ActorSlot("teacher", i, hosts[i], 0.5) for i in range(num_teachers)]
     return PlacementPlan("colocated", teachers, students)
+
+
+def _place_rollout(plan: PlacementPlan, nodes: list[NodeInfo], gpus: int) -> ActorSlot:
+    """The rollout worker's slot in a plan of teachers and students (see the module docstring)."""
+    if plan.mode == "cpu" or gpus == 0:
+        return ActorSlot("rollout", 0, None, 0)
+    if plan.mode == "colocated":
+        if gpus != 1:
+            raise ValueError(f"placement 'colocated' gives the rollout worker half of one GPU, but it needs {gpus}: "
+                             "set controller.placement=separate")
+        taken: dict[str, int] = {}
+        for teacher in plan.teachers:
+            taken[teacher.node_id] = taken.get(teacher.node_id, 0) + 1
+        for student in reversed(plan.students):  # a student GPU that no teacher replica shares
+            if taken.get(student.node_id, 0) > 0:
+                taken[student.node_id] -= 1
+                continue
+            return ActorSlot("rollout", 0, student.node_id, 0.5)
+        raise ValueError(
+            f"placement 'colocated' shares each student GPU with at most one other actor, and all "
+            f"{len(plan.students)} student GPUs already host one of the {len(plan.teachers)} teacher replicas: "
+            "lower teacher.num_replicas by one to make room for the rollout worker, or add GPUs and use 'separate'"
+        )
+    free = {n.node_id: n.num_gpus for n in nodes}
+    for slot in plan.teachers + plan.students:
+        if slot.node_id is not None:
+            free[slot.node_id] -= int(slot.num_gpus)
+    node = _first_fit(nodes, free, gpus)
+    if node is None:
+        raise ValueError(
+            f"the rollout worker needs {gpus} GPU(s) on one node, and no node has that many free after the teacher "
+            f"replicas and student ranks (free GPUs per node: {_free_text(nodes, free)}): add a GPU or set "
+            "controller.placement=colocated"
+        )
+    return ActorSlot("rollout", 0, node, gpus)
 
 
 def _first_fit(nodes: list[NodeInfo], free: dict[str, int], gpus: int) -> str | None:

@@ -64,3 +64,29 @@ def test_cpu_actors_are_not_pinned():
     plan = plan_placement(TWO_BY_EIGHT, num_teachers=2, teacher_gpus=0, num_students=3, student_gpus=0)
     assert plan.mode == "cpu" and _nodes_of(plan.teachers + plan.students) == [None] * 5
     assert plan.actor_options(plan.students[0]) == {}
+
+
+def test_the_rollout_worker_has_a_slot_of_its_own():
+    # separate: one more whole GPU, after the teacher replicas; counted in the arithmetic of the error
+    plan = plan_placement(TWO_BY_EIGHT, num_teachers=7, teacher_gpus=1, num_students=8, student_gpus=1, rollout_gpus=1)
+    assert plan.mode == "separate" and plan.rollout.node_id == A and plan.rollout.num_gpus == 1
+    assert plan.actor_options(plan.rollout)["scheduling_strategy"].node_id == A
+    assert "the rollout worker" in plan.describe(TWO_BY_EIGHT)
+    taken = [s.node_id for s in plan.teachers + plan.students + [plan.rollout]]
+    assert taken.count(A) == 8 and taken.count(B) == 8  # no GPU given twice
+    with pytest.raises(ValueError, match=r"\+ 1 for the rollout worker = 17 GPUs"):
+        plan_placement(TWO_BY_EIGHT, num_teachers=8, teacher_gpus=1, num_students=8, student_gpus=1, rollout_gpus=1,
+                       mode="separate")
+    # auto: 8 + 8 + 1 > 16 GPUs, so colocated; the rollout shares the one student GPU without a teacher replica
+    plan = plan_placement(TWO_BY_EIGHT, num_teachers=15, teacher_gpus=1, num_students=16, student_gpus=1,
+                          rollout_gpus=1)
+    assert plan.mode == "colocated" and plan.rollout.num_gpus == 0.5
+    hosts = [s.node_id for s in plan.teachers] + [plan.rollout.node_id]
+    assert hosts.count(A) == 8 and hosts.count(B) == 8  # every student GPU shared by exactly one other actor
+    with pytest.raises(ValueError, match="lower teacher.num_replicas by one"):
+        plan_placement(TWO_BY_EIGHT, num_teachers=16, teacher_gpus=1, num_students=16, student_gpus=1,
+                       rollout_gpus=1)
+    # CPU: anywhere; off-policy: no rollout slot
+    assert plan_placement(TWO_BY_EIGHT, num_teachers=1, teacher_gpus=0, num_students=1, student_gpus=0,
+                          rollout_gpus=0).rollout.node_id is None
+    assert plan_placement(TWO_BY_EIGHT, num_teachers=1, teacher_gpus=1, num_students=1, student_gpus=1).rollout is None
