@@ -707,6 +707,7 @@ def _shutdown_engine(engine: Any, children: list[Any]) -> None:
         engine.shutdown()
     finally:
         engine_module.kill_process_tree = original
+        _cancel_loop_tasks(getattr(engine, "loop", None))
         # The load-snapshot reader of this process can re-create its /dev/shm file from a late message of the
         # dying scheduler (it opens writers with O_CREAT): close it before that file is removed.
         reader = getattr(getattr(engine, "tokenizer_manager", None), "load_snapshot_reader", None)
@@ -716,3 +717,18 @@ def _shutdown_engine(engine: Any, children: list[Any]) -> None:
                 close()
             except Exception:  # noqa: BLE001 - best effort: the file is removed next either way
                 pass
+
+
+def _cancel_loop_tasks(loop: Any, timeout_s: float = 5.0) -> None:
+    """Cancel the tasks SGLang's tokenizer manager left on the engine's event loop (its receive loop), so that they
+    do not log "Task was destroyed but it is pending" when the interpreter exits. Runs on the engine's thread."""
+    if loop is None or loop.is_closed() or loop.is_running():
+        return
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        try:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=timeout_s))
+        except Exception:  # noqa: BLE001 - best effort: only log noise is at stake
+            pass
