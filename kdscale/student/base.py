@@ -8,6 +8,12 @@ that are identical on every rank.
 Normalization: every loss is a per-token mean over the GLOBAL batch (all data-parallel shards of the step), so
 the same global batch gives the same loss and gradients whatever the data-parallel split. The caller passes the
 global number of loss tokens; the backend checks it against the micro-batches.
+
+Optional capabilities (the controller uses them only where the config allows them):
+- ``hf_state_dict()``: the full weights by Hugging Face name on global rank 0, None elsewhere (collective), for
+  on-policy weight sync (both backends).
+- ``global_num_kd_tokens=`` on ``train_step``/``evaluate`` with a ``cross_tokenizer`` constructor argument: the
+  KD term over the aligned predictions of ``MicroBatch.kd_mask`` (cross-tokenizer distillation; FSDP2 only).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ class StepMetrics:
     """
 
     loss: float  # the configured distillation loss, per loss token (global)
-    kd: float  # the divergence term, per loss token (global)
+    kd: float  # the divergence term, per loss token (global; per aligned prediction under cross-tokenizer KD)
     ce: float  # cross-entropy against the data labels, per loss token (global)
     grad_norm: float  # total L2 norm of the gradient before clipping
     lr: float  # learning rate used by this step
