@@ -30,6 +30,9 @@ Design
   end-of-turn token (``<|im_end|>``, ``</s>``) lies after the response, so it is never aligned: its student target
   is in ``loss_mask`` but not in ``kd_mask``. Nor is a character split into several byte tokens on both sides
   (an emoji as four byte-level tokens): those tokens form a group, not 1:1 pairs.
+- **Chunks, optionally in worker processes.** Rows are paired in chunks of :data:`CHUNK_ROWS` (one tokenizer call
+  per side each); with ``num_workers`` > 1 the chunks run in a process pool (forked on Linux) and their results
+  and reports are put back together in row order, so every worker count gives the serial result.
 - **One bad row never stops the run.** A row whose teacher side is dropped (too long, prompt not a prefix), whose
   response is not found, or that has no aligned prediction gets an all-False ``kd_mask`` and a one-token teacher
   sample with an all-False mask (nothing to compute), and is counted in :class:`AlignmentReport`. Only a dataset
@@ -47,8 +50,12 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +63,7 @@ import numpy as np
 
 from kdscale.algorithms.token_alignment import (
     TokenSpans,
+    _content_positions,
     _require_fast,
     _special_ids,
     _SurfaceDecoder,
@@ -64,7 +72,6 @@ from kdscale.algorithms.token_alignment import (
 )
 from kdscale.data.jsonl import DataError, RejectedRow, Row
 from kdscale.data.tokenization import (
-    ENCODE_BATCH,
     EncodedRow,
     Rendering,
     TokenizedSample,
@@ -80,6 +87,18 @@ __all__ = ["AlignmentReport", "pair_samples"]
 logger = logging.getLogger(__name__)
 
 _EXAMPLE_LIMIT = 10
+CHUNK_ROWS = 256  # rows per unit of work (one tokenizer call per side); small enough to balance the workers
+MAX_DEFAULT_WORKERS = 8
+_REPORT_COUNTS = (
+    "num_samples",
+    "num_student_targets",
+    "num_aligned",
+    "num_teacher_targets",
+    "num_without_alignment",
+    "num_response_not_found",
+    "num_teacher_dropped",
+    "num_mismatched",
+)
 
 
 @dataclass
@@ -118,19 +137,15 @@ class AlignmentReport:
 
     def as_metrics(self, prefix: str = "cross_tokenizer") -> dict[str, float]:
         """The counts and the aligned fraction as ``{prefix}/name`` metrics."""
-        names = (
-            "num_samples",
-            "num_student_targets",
-            "num_aligned",
-            "num_teacher_targets",
-            "num_without_alignment",
-            "num_response_not_found",
-            "num_teacher_dropped",
-            "num_mismatched",
-        )
-        metrics = {f"{prefix}/{name}": float(getattr(self, name)) for name in names}
+        metrics = {f"{prefix}/{name}": float(getattr(self, name)) for name in _REPORT_COUNTS}
         metrics[f"{prefix}/aligned_fraction"] = self.aligned_fraction
         return metrics
+
+    def _add(self, other: AlignmentReport) -> None:
+        """Add the report of the rows after this report's (the counts add up; examples stay the first ones)."""
+        for name in _REPORT_COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.examples.extend(other.examples[: _EXAMPLE_LIMIT - len(self.examples)])
 
     def _count_unaligned(self, line: int, reason: str, cause: str | None) -> None:
         """One more sample without alignment; ``cause`` names the counter of its cause, if it has one."""
@@ -155,6 +170,7 @@ def pair_samples(
     student_eos_token_id: int | None = None,
     add_eos: bool = True,
     separator: str = "\n",
+    num_workers: int | None = None,
 ) -> tuple[list[TokenizedSample], dict[int, TokenizedSample], AlignmentReport]:
     """Tokenize the rows of ``student_samples`` for the teacher and align both sides' predictions on the response.
 
@@ -167,6 +183,9 @@ def pair_samples(
             EOS), as :func:`tokenize_rows` takes them.
         student_chat_template, student_eos_token_id, add_eos, separator: the arguments ``tokenize_rows`` was
             given for the student (``add_eos``/``separator`` apply to both sides' plain prompt/response rows).
+        num_workers: processes that pair chunks of :data:`CHUNK_ROWS` rows (None: the usable CPUs, at most
+            :data:`MAX_DEFAULT_WORKERS`; 0 or 1: none, all in this process). Datasets of fewer than two chunks are
+            paired in this process. The results are the same for any value.
 
     Returns:
         The student samples (same order, ids and ``loss_mask``; new objects with ``kd_mask`` set), the teacher
@@ -175,8 +194,9 @@ def pair_samples(
         and the report.
 
     Raises:
-        ValueError: bad arguments (length policy, a slow tokenizer, no EOS), a sample without its row, a
-            repeated ``sample_id``, or a teacher chat template that does not close the turn with its EOS.
+        ValueError: bad arguments (length policy, a slow tokenizer, no EOS, a negative ``num_workers``), a sample
+            without its row, a repeated ``sample_id``, or a teacher chat template that does not close the turn with
+            its EOS.
         DataError: "messages" rows and a teacher without a chat template, or no sample has any alignment.
     """
     check_length_policy(max_seq_len, truncation)
@@ -199,21 +219,22 @@ def pair_samples(
             "chat template (teacher_chat_template)"
         )
 
-    report = AlignmentReport(num_samples=len(student_samples))
+    pairing = _Pairing(student, teacher, max_seq_len, truncation)
+    chunks = []
+    for start in range(0, len(student_samples), CHUNK_ROWS):
+        chunk = student_samples[start : start + CHUNK_ROWS]
+        chunks.append((chunk, [rows_by_id[sample.sample_id] for sample in chunk]))
+    num_workers = _resolve_num_workers(num_workers, len(chunks))
+    results = _map_in_processes(pairing, chunks, num_workers) if num_workers > 1 else map(pairing, chunks)
+
+    report = AlignmentReport()
     paired: list[TokenizedSample] = []
     teacher_samples: dict[int, TokenizedSample] = {}
-    for start in range(0, len(student_samples), ENCODE_BATCH):
-        chunk = student_samples[start : start + ENCODE_BATCH]
-        chunk_rows = [rows_by_id[sample.sample_id] for sample in chunk]
-        student_encoded, teacher_encoded = student.encode(chunk_rows), teacher.encode(chunk_rows)
-        for sample, row, s_enc, t_enc in zip(chunk, chunk_rows, student_encoded, teacher_encoded):
-            kd_mask, teacher_sample = _pair_one(
-                sample, row, s_enc, t_enc, student, teacher, max_seq_len, truncation, report
-            )
+    for (chunk, _), (kd_masks, chunk_teacher_samples, chunk_report) in zip(chunks, results):
+        for sample, kd_mask, teacher_sample in zip(chunk, kd_masks, chunk_teacher_samples):
             paired.append(TokenizedSample(sample.sample_id, sample.input_ids, sample.loss_mask, kd_mask=kd_mask))
             teacher_samples[sample.sample_id] = teacher_sample
-            report.num_student_targets += sample.num_loss_tokens
-            report.num_aligned += int(kd_mask[1:].sum())
+        report._add(chunk_report)
 
     if report.num_samples and not report.num_aligned:
         raise DataError(
@@ -225,6 +246,94 @@ def pair_samples(
         examples = "; ".join(map(str, report.examples))
         logger.warning("%d samples have no aligned teacher prediction: %s", report.num_without_alignment, examples)
     return paired, teacher_samples, report
+
+
+# ----------------------------------------------------------------------------------------------- chunks
+
+_ChunkResult = tuple[list[np.ndarray], list[TokenizedSample], AlignmentReport]
+
+
+@dataclass
+class _Pairing:
+    """Pairs one chunk of rows: the student kd_mask and the teacher sample of each, and the chunk's report."""
+
+    student: _Side
+    teacher: _Side
+    max_seq_len: int
+    truncation: Truncation
+
+    def __call__(self, chunk: tuple[Sequence[TokenizedSample], Sequence[Row]]) -> _ChunkResult:
+        samples, rows = chunk
+        report = AlignmentReport(num_samples=len(samples))
+        kd_masks: list[np.ndarray] = []
+        teacher_samples: list[TokenizedSample] = []
+        student_encoded, teacher_encoded = self.student.encode(rows), self.teacher.encode(rows)
+        for sample, row, s_enc, t_enc in zip(samples, rows, student_encoded, teacher_encoded):
+            kd_mask, teacher_sample = _pair_one(
+                sample, row, s_enc, t_enc, self.student, self.teacher, self.max_seq_len, self.truncation, report
+            )
+            kd_masks.append(kd_mask)
+            teacher_samples.append(teacher_sample)
+            report.num_student_targets += sample.num_loss_tokens
+            report.num_aligned += int(kd_mask[1:].sum())
+        return kd_masks, teacher_samples, report
+
+
+def _resolve_num_workers(num_workers: int | None, num_chunks: int) -> int:
+    """The number of worker processes to use; 1 means none (pair in this process)."""
+    if num_workers is None:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_workers = min(MAX_DEFAULT_WORKERS, usable)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 or more (0 or 1: no worker process), got {num_workers}")
+    return max(1, min(num_workers, num_chunks)) if num_chunks >= 2 else 1
+
+
+_WORKER_STATE: dict[str, _Pairing] = {}
+
+
+def _init_worker(pairing: _Pairing) -> None:
+    """Runs once in each worker process: keeps the pairing (tokenizers included) for the chunks it is sent."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _WORKER_STATE["pairing"] = pairing
+
+
+def _pair_chunk_in_worker(chunk: tuple[Sequence[TokenizedSample], Sequence[Row]]) -> _ChunkResult:
+    """Runs in a worker process: one chunk, paired with the worker's pairing."""
+    return _WORKER_STATE["pairing"](chunk)
+
+
+def _map_in_processes(
+    pairing: _Pairing, chunks: Sequence[tuple[Sequence[TokenizedSample], Sequence[Row]]], num_workers: int
+) -> list[_ChunkResult]:
+    """``[pairing(chunk) for chunk in chunks]``, run in ``num_workers`` processes (forked where the OS can).
+
+    A chunk's error is raised here as it would be by the serial loop: the one of the first failing chunk.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(pairing,))
+    try:
+        # The workers start during the submits. Older Hugging Face tokenizers releases warn in a forked child when
+        # the parent has used their thread pool, unless TOKENIZERS_PARALLELISM is set: set it while they start.
+        with _environment_default("TOKENIZERS_PARALLELISM", "false"):
+            futures = [pool.submit(_pair_chunk_in_worker, chunk) for chunk in chunks]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _environment_default(name: str, value: str) -> Iterator[None]:
+    """Set the environment variable ``name`` to ``value`` inside the block, unless it is set already."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 # ----------------------------------------------------------------------------------------------- one row
@@ -285,13 +394,14 @@ class _Side:
         assert encoded.offsets is not None, "encode_rows(..., with_offsets=True)"
         ids = encoded.input_ids.astype(np.int64)
         starts, ends = encoded.offsets[:, 0].copy(), encoded.offsets[:, 1].copy()
-        special = np.isin(ids, self.special_ids)
+        special = _is_in(ids, self.special_ids)
         # token_spans' whitespace-marker rule: a token that stands for whitespace only ("▁") but is reported over
         # other text (SentencePiece's prepended marker, at the first character) is made zero-width.
-        text = encoded.text
-        for i in np.flatnonzero(~special & (ends > starts) & np.isin(ids, self.whitespace_ids)).tolist():
-            if text[starts[i] : ends[i]].strip():
-                ends[i] = starts[i]
+        markers = np.flatnonzero(~special & (ends > starts) & _is_in(ids, self.whitespace_ids))
+        if len(markers):
+            content = _content_positions(encoded.text)
+            over_content = np.searchsorted(content, ends[markers]) > np.searchsorted(content, starts[markers])
+            ends[markers[over_content]] = starts[markers[over_content]]
         return starts, ends, special
 
 
@@ -359,6 +469,14 @@ def _pair_one(
     return kd_mask, TokenizedSample(sample.sample_id, teacher_ids, teacher_mask)
 
 
+def _is_in(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """``np.isin(ids, sorted_ids)`` for a sorted ``sorted_ids``, without isin's per-call overhead."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[at] == ids
+
+
 def _prompt_end(encoded: EncodedRow) -> int:
     """Where the rendered prompt ends in ``encoded.text``: the end of its last prompt token."""
     assert encoded.offsets is not None
@@ -403,8 +521,8 @@ def _response_spans(side: _Side, encoded: EncodedRow, response: str, at: int) ->
     # Clipping puts a token before the response at (0, 0), one after it at (len, len), and cuts one across an edge
     # to its part in the response; all of them are markup.
     special = special | ~inside
-    starts = np.clip(starts, at, window_end) - at
-    ends = np.clip(ends, at, window_end) - at
+    starts = np.minimum(np.maximum(starts, at), window_end) - at
+    ends = np.minimum(np.maximum(ends, at), window_end) - at
     where = np.flatnonzero(covering)
     base, stop = (max(int(where[0]) - 1, 0), int(where[-1]) + 1) if len(where) else (0, 0)
     spans = TokenSpans(

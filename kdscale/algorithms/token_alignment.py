@@ -48,6 +48,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -127,17 +128,18 @@ class TokenSpans:
 
     def normalized_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """Spans stripped of whitespace at their edges; whitespace-only tokens keep theirs; specials are empty."""
+        return self._normalized_spans(_content_positions(self.text))
+
+    def _normalized_spans(self, content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`normalized_spans`, given the positions of the text's non-whitespace characters."""
         starts, ends = self.starts.copy(), self.ends.copy()
-        for i in range(len(self)):
-            if self.special[i]:
-                ends[i] = starts[i]
-                continue
-            s, e = int(starts[i]), int(ends[i])
-            piece = self.text[s:e]
-            stripped = piece.strip()
-            if stripped:  # content: drop the whitespace at its edges
-                s += len(piece) - len(piece.lstrip())
-                starts[i], ends[i] = s, s + len(stripped)
+        # A span [s, e) holds the content characters content[first:stop]; stripped, it runs from the first of them
+        # to just after the last (str.strip() and this agree: both strip the characters str.isspace() accepts).
+        first, stop = np.searchsorted(content, starts), np.searchsorted(content, ends)
+        stripped = ~self.special & (stop > first)
+        starts[stripped] = content[first[stripped]]
+        ends[stripped] = content[stop[stripped] - 1] + 1
+        ends[self.special] = starts[self.special]
         return starts, ends
 
 
@@ -198,52 +200,92 @@ def align(teacher: TokenSpans, student: TokenSpans) -> Alignment:
     # Characters inside any special token's span (either side) are markup: a component touching them is unaligned.
     markup = np.zeros(text_len + 1, np.int64)
     for spans in (teacher, student):
-        for i in np.flatnonzero(spans.special & (spans.ends > spans.starts)):
-            markup[spans.starts[i]] += 1
-            markup[spans.ends[i]] -= 1
+        marked = spans.special & (spans.ends > spans.starts)
+        markup += np.bincount(spans.starts[marked], minlength=text_len + 1)
+        markup -= np.bincount(spans.ends[marked], minlength=text_len + 1)
     markup_prefix = np.concatenate([[0], np.cumsum(np.cumsum(markup)[:text_len] > 0)])
 
-    intervals: list[tuple[int, int, int, int]] = []  # (start, end, side 0=teacher 1=student, index)
-    unaligned: tuple[list[int], list[int]] = ([], [])
-    for side, spans in enumerate((teacher, student)):
-        starts, ends = spans.normalized_spans()
-        for i in range(len(spans)):
-            if ends[i] > starts[i]:
-                intervals.append((int(starts[i]), int(ends[i]), side, i))
-            else:  # specials and zero-width tokens
-                unaligned[side].append(i)
-    intervals.sort()
+    # The normalized spans of both sides as intervals (start, end, side 0=teacher 1=student, index).
+    content = _content_positions(teacher.text)
+    (teacher_starts, teacher_ends), (student_starts, student_ends) = (
+        spans._normalized_spans(content) for spans in (teacher, student)
+    )
+    starts = np.concatenate([teacher_starts, student_starts]).astype(np.int64)
+    ends = np.concatenate([teacher_ends, student_ends]).astype(np.int64)
+    sides = np.concatenate([np.zeros(len(teacher), np.int64), np.ones(len(student), np.int64)])
+    indices = np.concatenate([np.arange(len(teacher), dtype=np.int64), np.arange(len(student), dtype=np.int64)])
+    unaligned = ends <= starts  # specials and zero-width tokens; per token of both sides, teacher first
+    order = np.flatnonzero(~unaligned)
+    # By start; equal starts keep the teacher's interval first (a stable sort). The order among equal starts changes
+    # no component, nor the members of one (they are sorted below).
+    order = order[np.argsort(starts[order], kind="stable")]
+    starts, ends, sides, indices = starts[order], ends[order], sides[order], indices[order]
 
-    pairs: list[tuple[int, int]] = []
+    # The sweep over components of overlapping intervals: an interval opens a new component when it starts at or
+    # after the end of every interval before it (the running maximum of ends is the open component's end).
+    opens = np.ones(len(order), bool)
+    opens[1:] = starts[1:] >= np.maximum.accumulate(ends)[:-1]
+    first = np.flatnonzero(opens)  # [C] the first interval of each component
+    component = np.cumsum(opens) - 1  # [I] the component of each interval
+    num_members = np.diff(np.append(first, len(order)))
+    component_start = starts[first]
+    component_end = np.maximum.reduceat(ends, first) if len(first) else ends[:0]
+    num_teacher = np.bincount(component[sides == 0], minlength=len(first))
+    num_student = num_members - num_teacher
+    aligned = (num_teacher > 0) & (num_student > 0) & (markup_prefix[component_end] <= markup_prefix[component_start])
+    # A 1:1 pair: one interval per side with the same span; sorted, the teacher's comes first.
+    candidate = first[aligned & (num_members == 2) & (num_teacher == 1)]
+    equal = (starts[candidate] == starts[candidate + 1]) & (ends[candidate] == ends[candidate + 1])
+    paired = candidate[equal]
+    is_pair = np.zeros(len(first), bool)
+    is_pair[component[paired]] = True
+    unaligned[order[~aligned[component]]] = True
+
+    # The members of each group, by component, then side (teacher first), then index.
+    is_group = aligned & ~is_pair
+    members = np.flatnonzero(is_group[component])
+    members = members[np.argsort((component[members] * 2 + sides[members]) * len(unaligned) + indices[members])]
+    member_indices = indices[members].tolist()
     groups: list[AlignedGroup] = []
-    k = 0
-    while k < len(intervals):  # sweep the components of overlapping intervals
-        start, end = intervals[k][0], intervals[k][1]
-        members: tuple[list[int], list[int]] = ([], [])
-        member_spans: set[tuple[int, int]] = set()
-        while k < len(intervals) and intervals[k][0] < end:
-            s, e, side, i = intervals[k]
-            members[side].append(i)
-            member_spans.add((s, e))
-            end = max(end, e)
-            k += 1
-        teacher_ids, student_ids = sorted(members[0]), sorted(members[1])
-        if not teacher_ids or not student_ids or markup_prefix[end] > markup_prefix[start]:
-            unaligned[0].extend(teacher_ids)
-            unaligned[1].extend(student_ids)
-        elif len(teacher_ids) == len(student_ids) == 1 and len(member_spans) == 1:
-            pairs.append((teacher_ids[0], student_ids[0]))
-        else:
-            groups.append(AlignedGroup(tuple(teacher_ids), tuple(student_ids), start, end))
+    at = 0
+    for num_teacher_members, size, start, end in zip(
+        num_teacher[is_group].tolist(),
+        num_members[is_group].tolist(),
+        component_start[is_group].tolist(),
+        component_end[is_group].tolist(),
+    ):
+        teacher_members = tuple(member_indices[at : at + num_teacher_members])
+        groups.append(
+            AlignedGroup(teacher_members, tuple(member_indices[at + num_teacher_members : at + size]), start, end)
+        )
+        at += size
 
     return Alignment(
         teacher=teacher,
         student=student,
-        pairs=np.asarray(pairs, np.int64).reshape(-1, 2),
+        pairs=np.stack([indices[paired], indices[paired + 1]], axis=1).reshape(-1, 2),
         groups=tuple(groups),
-        teacher_unaligned=np.asarray(sorted(unaligned[0]), np.int64),
-        student_unaligned=np.asarray(sorted(unaligned[1]), np.int64),
+        teacher_unaligned=np.flatnonzero(unaligned[: len(teacher)]).astype(np.int64),
+        student_unaligned=np.flatnonzero(unaligned[len(teacher) :]).astype(np.int64),
     )
+
+
+def _content_positions(text: str) -> np.ndarray:
+    """The positions of the characters of ``text`` that are not whitespace (``str.isspace``), increasing."""
+    codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+    table = _space_table()
+    in_table = codepoints < len(table)
+    is_space = table[np.where(in_table, codepoints, 0)]
+    if not in_table.all():  # beyond the Basic Multilingual Plane (emoji, ...): rare, asked one by one
+        beyond = np.flatnonzero(~in_table)
+        is_space[beyond] = [text[i].isspace() for i in beyond.tolist()]
+    return np.flatnonzero(~is_space)
+
+
+@functools.cache
+def _space_table() -> np.ndarray:
+    """``table[c]``: ``chr(c).isspace()``, for the code points of the Basic Multilingual Plane."""
+    return np.array([chr(c).isspace() for c in range(0x10000)], bool)
 
 
 def _first_difference(a: str, b: str) -> str:
@@ -294,18 +336,13 @@ def prediction_pairs(
     teacher_prefix_end = np.maximum.accumulate(teacher.ends) if len(teacher) else teacher.ends
     student_prefix_end = np.maximum.accumulate(student.ends) if len(student) else student.ends
 
-    keep: list[tuple[int, int]] = []
-    for t_next, s_next in alignment.pairs.tolist():
-        if t_next == 0 or s_next == 0:  # the first token is predicted by no position
-            continue
-        if not (student_mask[s_next] and teacher_mask[t_next]):
-            continue
-        same_piece = teacher.starts[t_next] == student.starts[s_next] and teacher.ends[t_next] == student.ends[s_next]
-        same_prefix = teacher_prefix_end[t_next - 1] == student_prefix_end[s_next - 1]
-        if same_piece and same_prefix:
-            keep.append((t_next - 1, s_next - 1))
-    kept = np.asarray(keep, np.int64).reshape(-1, 2)
-    teacher_positions, student_positions = kept[:, 0].copy(), kept[:, 1].copy()
+    pairs = alignment.pairs.astype(np.int64).reshape(-1, 2)
+    pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]  # the first token is predicted by no position
+    t_next, s_next = pairs[:, 0], pairs[:, 1]
+    same_piece = (teacher.starts[t_next] == student.starts[s_next]) & (teacher.ends[t_next] == student.ends[s_next])
+    same_prefix = teacher_prefix_end[t_next - 1] == student_prefix_end[s_next - 1]
+    keep = student_mask[s_next] & teacher_mask[t_next] & same_piece & same_prefix
+    teacher_positions, student_positions = t_next[keep] - 1, s_next[keep] - 1
     return PredictionPairs(
         student_positions=student_positions,
         teacher_positions=teacher_positions,

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 
+from kdscale.algorithms import cross_tokenizer
 from kdscale.algorithms.cross_tokenizer import AlignmentReport, _Side, pair_samples
 from kdscale.algorithms.token_alignment import _SurfaceDecoder, token_spans
 from kdscale.data import DataError, TokenizedSample, read_jsonl, rows_from_records, tokenize_rows
@@ -402,3 +403,67 @@ def test_batched_spans_equal_token_spans(student_tok, teacher_tok, which):
         assert starts.tolist() == reference.starts[:n].tolist()
         assert ends.tolist() == reference.ends[:n].tolist()
         assert special.tolist() == reference.special[:n].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- worker processes
+
+
+def _worker_records(num_rows: int) -> list[dict]:
+    """CHAT_RECORDS in turn, every 17th row one whose response is not in the (shouting) teacher's rendering."""
+    return [
+        {"prompt": f"Row {i}: be loud.", "response": f"I shout: hello world {i}"}
+        if i % 17 == 5
+        else CHAT_RECORDS[i % len(CHAT_RECORDS)]
+        for i in range(num_rows)
+    ]
+
+
+def test_worker_processes_give_the_serial_result(student_tok, teacher_tok, monkeypatch):
+    monkeypatch.setattr(cross_tokenizer, "CHUNK_ROWS", 32)  # 10 chunks
+    calls = []
+    in_processes = cross_tokenizer._map_in_processes
+    monkeypatch.setattr(
+        cross_tokenizer,
+        "_map_in_processes",
+        lambda pairing, chunks, num_workers: calls.append(num_workers) or in_processes(pairing, chunks, num_workers),
+    )
+    rows = _rows(_worker_records(300))
+    samples, stats = tokenize_rows(rows, student_tok, max_seq_len=40)  # rows dropped, others cut
+    assert stats.dropped and stats.num_truncated
+    kwargs = {"max_seq_len": 40, "teacher_chat_template": SHOUTING_TEMPLATE}
+    serial = pair_samples(rows, samples, student_tok, teacher_tok, num_workers=1, **kwargs)
+    assert calls == []
+    parallel = pair_samples(rows, samples, student_tok, teacher_tok, num_workers=2, **kwargs)
+    assert calls == [2]
+
+    (serial_samples, serial_teachers, serial_report), (samples2, teachers2, report2) = serial, parallel
+    assert report2 == serial_report
+    assert serial_report.num_response_not_found == 18 and len(serial_report.examples) == 10  # from several chunks
+    assert serial_report.num_aligned > 0 and serial_report.num_without_alignment == 18
+    assert [s.sample_id for s in samples2] == [s.sample_id for s in serial_samples] == [s.sample_id for s in samples]
+    for a, b in zip(serial_samples, samples2):
+        assert a.input_ids is b.input_ids and a.loss_mask is b.loss_mask  # the caller's arrays, as serially
+        assert a.kd_mask.dtype == b.kd_mask.dtype and np.array_equal(a.kd_mask, b.kd_mask)
+    assert list(teachers2) == list(serial_teachers)
+    for sample_id, a in serial_teachers.items():
+        b = teachers2[sample_id]
+        assert a.sample_id == b.sample_id and a.kd_mask is None and b.kd_mask is None
+        assert a.input_ids.dtype == b.input_ids.dtype and np.array_equal(a.input_ids, b.input_ids)
+        assert a.loss_mask.dtype == b.loss_mask.dtype and np.array_equal(a.loss_mask, b.loss_mask)
+
+    # An error in a worker is raised as the serial loop raises it: the first failing chunk's.
+    with pytest.raises(ValueError, match="student tokenizer: line 1: the chat template's assistant turn"):
+        pair_samples(rows, samples, student_tok, teacher_tok, num_workers=2, student_chat_template=TEACHER_TEMPLATE,
+                     **kwargs)  # fmt: skip
+    assert calls == [2, 2]
+
+
+def test_num_workers(student_tok, teacher_tok):
+    assert cross_tokenizer._resolve_num_workers(8, 3) == 3  # no more workers than chunks
+    assert cross_tokenizer._resolve_num_workers(8, 1) == 1  # one chunk: in this process
+    assert cross_tokenizer._resolve_num_workers(0, 10) == 1
+    assert 1 <= cross_tokenizer._resolve_num_workers(None, 100) <= cross_tokenizer.MAX_DEFAULT_WORKERS
+    rows = _rows(CHAT_RECORDS)
+    samples, _ = tokenize_rows(rows, student_tok, max_seq_len=512)
+    with pytest.raises(ValueError, match="num_workers must be 0 or more"):
+        pair_samples(rows, samples, student_tok, teacher_tok, max_seq_len=512, num_workers=-1)

@@ -214,6 +214,105 @@ def test_prediction_pairs_respect_the_loss_masks():
     assert len(empty) == 0 and empty.student_rows.dtype == np.int64
 
 
+# ------------------------------------------------------------------------------------------- the rules, token by token
+
+
+def _reference_normalized(spans_: TokenSpans) -> list[tuple[int, int]]:
+    """The normalized-span rule read literally: str.strip() of each token's text."""
+    out = []
+    for i in range(len(spans_)):
+        s, e = int(spans_.starts[i]), int(spans_.ends[i])
+        piece = spans_.text[s:e]
+        if spans_.special[i]:
+            out.append((s, s))
+        elif piece.strip():
+            s += len(piece) - len(piece.lstrip())
+            out.append((s, s + len(piece.strip())))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _reference_align(teacher: TokenSpans, student: TokenSpans):
+    """The alignment rule read literally: a sweep over the sorted intervals, one component at a time."""
+    markup = set()
+    for side in (teacher, student):
+        for i in np.flatnonzero(side.special):
+            markup.update(range(int(side.starts[i]), int(side.ends[i])))
+    intervals, unaligned = [], ([], [])
+    for side, spans_ in enumerate((teacher, student)):
+        for i, (s, e) in enumerate(_reference_normalized(spans_)):
+            if e > s:
+                intervals.append((s, e, side, i))
+            else:
+                unaligned[side].append(i)
+    intervals.sort()
+    pairs, groups, k = [], [], 0
+    while k < len(intervals):
+        start, end, members = intervals[k][0], intervals[k][1], []
+        while k < len(intervals) and intervals[k][0] < end:
+            members.append(intervals[k])
+            end = max(end, intervals[k][1])
+            k += 1
+        ids = [sorted(i for _, _, side, i in members if side == which) for which in (0, 1)]
+        if not ids[0] or not ids[1] or markup & set(range(start, end)):
+            unaligned[0].extend(ids[0])
+            unaligned[1].extend(ids[1])
+        elif len(ids[0]) == len(ids[1]) == 1 and len({(s, e) for s, e, _, _ in members}) == 1:
+            pairs.append((ids[0][0], ids[1][0]))
+        else:
+            groups.append(AlignedGroup(tuple(ids[0]), tuple(ids[1]), start, end))
+    return pairs, tuple(groups), sorted(unaligned[0]), sorted(unaligned[1])
+
+
+def _random_spans(rng: np.random.Generator, text: str) -> TokenSpans:
+    """Mostly consecutive spans (a tokenization), with overlapping, zero-width and special ones among them."""
+    offsets, position = [], 0
+    for _ in range(rng.integers(0, 14)):
+        if rng.random() < 0.3:
+            start = int(rng.integers(0, len(text) + 1))
+            offsets.append((start, min(len(text), start + int(rng.integers(0, 5)))))
+        else:
+            offsets.append((position, min(len(text), position + int(rng.integers(0, 4)))))
+            position = offsets[-1][1]
+    return spans(text, offsets, special=(rng.random(len(offsets)) < 0.1).tolist())
+
+
+def test_vectorized_rules_equal_the_rules_token_by_token():
+    """normalized_spans, align and prediction_pairs (array code) agree with a literal reading of the module's rules
+    on random spans over texts with Unicode whitespace and characters outside the Basic Multilingual Plane."""
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "b", "c", " ", "\n", "\t", "\u3000", "\u00a0", "\u2028", "\x1c", "é", "🙂", "𝕏"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 16))).tolist())
+        teacher, student = _random_spans(rng, text), _random_spans(rng, text)
+        for side in (teacher, student):
+            starts, ends = side.normalized_spans()
+            assert list(zip(starts.tolist(), ends.tolist())) == _reference_normalized(side), text
+        alignment = align(teacher, student)
+        pairs, groups, teacher_unaligned, student_unaligned = _reference_align(teacher, student)
+        assert _pairs(alignment) == pairs and alignment.pairs.dtype == np.int64, text
+        assert alignment.groups == groups, text
+        assert alignment.teacher_unaligned.tolist() == teacher_unaligned, text
+        assert alignment.student_unaligned.tolist() == student_unaligned, text
+        _check_partition(alignment)
+        student_mask = rng.random(len(student)) < 0.8
+        teacher_mask = rng.random(len(teacher)) < 0.8
+        predictions = prediction_pairs(alignment, student_mask, teacher_loss_mask=teacher_mask)
+        expected = [
+            (t - 1, s - 1)
+            for t, s in pairs
+            if t > 0
+            and s > 0
+            and student_mask[s]
+            and teacher_mask[t]
+            and (teacher.starts[t], teacher.ends[t]) == (student.starts[s], student.ends[s])
+            and teacher.ends[:t].max() == student.ends[:s].max()
+        ]
+        got = list(zip(predictions.teacher_positions.tolist(), predictions.student_positions.tolist()))
+        assert got == expected, text
+
+
 # ------------------------------------------------------------------------------------------- real tokenizers
 
 _CORPUS = [
