@@ -90,3 +90,14 @@ def make_tiny_llama(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def load_script(path: str | Path, name: str | None = None):
+    """Import a script that is not in a package (tools/dev/*.py, benchmarks/*.py) as a module, by its path."""
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

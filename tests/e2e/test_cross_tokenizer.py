@@ -4,7 +4,6 @@ another chat template), through the controller, with both methods. The held-out 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,14 @@ import pytest
 
 from kdscale.config.load import load_config
 from kdscale.observability.metrics import read_metrics
+from tests.fixtures import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def cross_student(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("make_student", REPO / "tools/dev/make_cross_tokenizer_student.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script(REPO / "tools/dev/make_cross_tokenizer_student.py")
     return tool.make_student([REPO / "data/quickstart/train.jsonl"], tmp_path_factory.mktemp("cross") / "student")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdscale.data import read_jsonl, tokenize_rows
+from tests.fixtures import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "dev" / "make_cross_tokenizer_student.py"
@@ -22,10 +22,7 @@ TRAIN = REPO / "data" / "quickstart" / "train.jsonl"
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("make_cross_tokenizer_student", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ HF config and ``padded_vocab`` rows. Peak extra memory is one global tensor at a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,17 @@ def _global_key(chunk: torch.nn.Module, local_key: str) -> str:
     index, rest = local_key[len(_LAYER_PREFIX) :].split(".", 1)
     layer_number = chunk.decoder.layers[int(index)].layer_number  # 1-based, includes the stage offset
     return f"{_LAYER_PREFIX}{layer_number - 1}.{rest}"
+
+
+def _chunk_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """``(global key, parameter, gated)`` of every parameter of the chunks, in ``state_dict`` order (the same on
+    every TP rank of a stage); ``gated``: a SwiGLU ``linear_fc1`` ([gate; up], sharded per half)."""
+    for chunk in chunks:
+        for local_key, param in chunk.state_dict(keep_vars=True).items():
+            if local_key.endswith("_extra_state") or param is None:
+                continue
+            gated = local_key.endswith("mlp.linear_fc1.weight") and chunk.config.gated_linear_unit
+            yield _global_key(chunk, local_key), param, gated
 
 
 def _tp_shard(param: torch.Tensor, tensor: torch.Tensor, *, tp_rank: int, tp_size: int, gated: bool) -> torch.Tensor:
@@ -70,15 +82,8 @@ def load_hf_into_chunks(
 
     # global key -> [(local parameter, gated)] (a tied embedding may feed two parameters of one rank)
     wanted: dict[str, list[tuple[torch.Tensor, bool]]] = {}
-    for chunk in chunks:
-        for local_key, tensor in chunk.state_dict(keep_vars=True).items():
-            if local_key.endswith("_extra_state") or tensor is None:
-                continue
-            source = _global_key(chunk, local_key)
-            if source == _OUTPUT and tied:
-                source = _EMBEDDING
-            gated = local_key.endswith("mlp.linear_fc1.weight") and chunk.config.gated_linear_unit
-            wanted.setdefault(source, []).append((tensor, gated))
+    for source, tensor, gated in _chunk_parameters(chunks):
+        wanted.setdefault(_EMBEDDING if source == _OUTPUT and tied else source, []).append((tensor, gated))
 
     filled: set[str] = set()
     source_tensors = LazySafetensors(Path(model_path))
@@ -145,17 +150,12 @@ def gather_hf_state_dict(
     tied = bool(hf_config.get("tie_word_embeddings", False))
     stage: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for chunk in chunks:
-            for local_key, param in chunk.state_dict(keep_vars=True).items():
-                if local_key.endswith("_extra_state") or param is None:
-                    continue
-                key = _global_key(chunk, local_key)
-                if key == _OUTPUT and tied:
-                    continue  # the embedding row gives it
-                gated = local_key.endswith("mlp.linear_fc1.weight") and chunk.config.gated_linear_unit
-                full = _tp_gather(param, tp_group=tp_group, tp_size=tp_size, gated=gated)
-                if tp_rank == 0:  # a copy: the caller keeps it while the parameters train on
-                    stage[key] = full.to("cpu", copy=full.data_ptr() == param.data_ptr())
+        for key, param, gated in _chunk_parameters(chunks):
+            if key == _OUTPUT and tied:
+                continue  # the embedding row gives it
+            full = _tp_gather(param, tp_group=tp_group, tp_size=tp_size, gated=gated)
+            if tp_rank == 0:  # a copy: the caller keeps it while the parameters train on
+                stage[key] = full.to("cpu", copy=full.data_ptr() == param.data_ptr())
     if tp_rank != 0:
         return None
     merged = stage
