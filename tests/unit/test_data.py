@@ -530,3 +530,63 @@ def test_quickstart_dataset_is_clean_and_held_out(tok):
     assert not {key(r) for r in train} & {key(r) for r in held_out}
     samples, stats = tokenize_rows(train + held_out, tok, max_seq_len=4096)
     assert stats.num_dropped == 0 and len(samples) == len(train) + len(held_out)
+
+
+def _cross_tokenizer_pairs(samples, seed):
+    """Student samples with a kd_mask (a random subset of the targets) and teacher samples of other lengths whose
+    loss_mask has as many targets, as kdscale.algorithms.cross_tokenizer.pair_samples makes them."""
+    rng = np.random.default_rng(seed)
+    students, teachers = [], {}
+    for s in samples:
+        kd = s.loss_mask & (rng.random(len(s)) < 0.6)
+        kd[0] = False
+        students.append(TokenizedSample(s.sample_id, s.input_ids, s.loss_mask, kd_mask=kd))
+        n = len(s) + int(rng.integers(-3, 6))
+        n = max(n, int(kd[1:].sum()) + 1)
+        mask = np.zeros(n, dtype=bool)
+        mask[1 + rng.choice(n - 1, int(kd[1:].sum()), replace=False)] = True
+        ids = (rng.integers(1000, 2000, n) + s.sample_id).astype(np.int32)  # teacher ids, another vocabulary
+        teachers[s.sample_id] = TokenizedSample(s.sample_id, ids, mask)
+    return students, teachers
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("dp_size,max_tokens", [(1, 256), (2, 96), (3, 64)])
+def test_layout_with_teacher_samples_pairs_every_micro_batch(packing, dp_size, max_tokens):
+    students, teachers = _cross_tokenizer_pairs(_synthetic_samples(23, seed=dp_size), seed=dp_size)
+    layout = build_step_layout(students, dp_size=dp_size, max_tokens_per_micro_batch=max_tokens, pad_token_id=0,
+                               packing=packing, teacher_samples=teachers, teacher_pad_token_id=7)  # fmt: skip
+    plain = build_step_layout(students, dp_size=dp_size, max_tokens_per_micro_batch=max_tokens, pad_token_id=0,
+                              packing=packing)  # fmt: skip
+    assert [[mb.sample_ids for mb in shard] for shard in layout.shards] == [
+        [mb.sample_ids for mb in shard] for shard in plain.shards]  # the student's layout is unchanged  # fmt: skip
+    assert layout.teacher_work is layout.teacher_shards and plain.teacher_work is plain.shards
+    for shard, teacher_shard in zip(layout.shards, layout.teacher_shards, strict=True):
+        assert len(shard) == len(teacher_shard)
+        for student_mb, teacher_mb in zip(shard, teacher_shard):
+            assert teacher_mb.sample_ids == student_mb.sample_ids  # same samples, same order
+            assert teacher_mb.is_packed == student_mb.is_packed == (packing and bool(student_mb.sample_ids))
+            assert teacher_mb.num_loss_tokens == student_mb.num_kd_tokens  # one teacher row per aligned prediction
+            assert student_mb.num_kd_tokens <= student_mb.num_loss_tokens
+            if student_mb.kd_mask is not None:
+                assert not (student_mb.kd_mask & ~student_mb.loss_mask).any()
+            real = teacher_mb.attention_mask.bool()
+            ids = teacher_mb.input_ids[real].tolist()
+            assert ids == [t for i in teacher_mb.sample_ids for t in teachers[i].input_ids.tolist()]
+            assert (teacher_mb.input_ids[~real] == 7).all()  # the teacher's own pad id
+    assert layout.global_num_kd_tokens == sum(int(s.kd_mask[1:].sum()) for s in students)
+    assert layout.global_num_loss_tokens == plain.global_num_loss_tokens
+
+
+def test_layout_with_teacher_samples_refuses_unpaired_samples():
+    students, teachers = _cross_tokenizer_pairs(_synthetic_samples(6, seed=1), seed=1)
+    with pytest.raises(ValueError, match=r"no teacher tokenization of sample\(s\) \[2\]"):
+        build_step_layout(students, dp_size=1, max_tokens_per_micro_batch=512, pad_token_id=0,
+                          teacher_samples={k: v for k, v in teachers.items() if k != 2})  # fmt: skip
+    k = next(s.sample_id for s in students if s.kd_mask[1:].any())  # a teacher sample with too few targets
+    bad = {**teachers, k: TokenizedSample(k, teachers[k].input_ids, np.zeros(len(teachers[k]), dtype=bool))}
+    with pytest.raises(ValueError, match="aligned predictions but the teacher"):
+        build_step_layout(students, dp_size=1, max_tokens_per_micro_batch=512, pad_token_id=0, teacher_samples=bad)
+    mixed = [students[0], TokenizedSample(1, students[1].input_ids, students[1].loss_mask)]
+    with pytest.raises(ValueError, match="either every sample of a micro-batch has a kd_mask"):
+        build_step_layout(mixed, dp_size=1, max_tokens_per_micro_batch=512, pad_token_id=0)
