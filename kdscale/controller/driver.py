@@ -534,11 +534,12 @@ def _run_with_teacher_outputs(students: list[_Student], pool: TeacherPool, layou
         teacher = pool.wait(flat)
         wait_s += time.perf_counter() - start
         by_key = dict(zip(flat, teacher))
+        kd_tokens = {} if layout.global_num_kd_tokens is None else {"global_num_kd_tokens": layout.global_num_kd_tokens}
         results = _get_all(
             [
                 getattr(s.handle, method).remote(
                     layout.shards[s.dp_rank], [by_key[k].ref for k in keys[s.dp_rank]] if s.consumes else [],
-                    layout.global_num_loss_tokens, layout.global_num_kd_tokens,
+                    layout.global_num_loss_tokens, **kd_tokens,  # cross-tokenizer only
                 )
                 for s in students
             ],

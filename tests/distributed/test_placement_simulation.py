@@ -1,9 +1,10 @@
 """Placement and routing on a simulated 2-node x 8-GPU Ray cluster (``ray.cluster_utils.Cluster``: two raylets on
 this machine, each declaring 8 GPUs it does not have).
 
-The plan's actor options go to light probe actors that report the node and GPU Ray gave them; the teacher pool
-and the driver's routing run for real with fake replicas (they put small arrays tagged with their node) and fake
-student ranks (they read the refs they are handed and report what they got). The simulation runs in a child
+The plan's actor options (teacher replicas, student ranks and an on-policy rollout worker) go to light probe actors
+that report the node and GPU Ray gave them; the teacher pool and the driver's routing run for real with fake
+replicas (they put small arrays tagged with their node) and fake student ranks (they read the refs they are handed
+and report what they got). The simulation runs in a child
 process: a pytest session may already hold a single-node Ray instance."""
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ def _simulate() -> dict:
             teacher=SimpleNamespace(num_replicas=0), controller=SimpleNamespace(max_teacher_restarts=0),
             ray=SimpleNamespace(timeout_s=120.0),
         )
-        for mode, num_teachers, num_students in (("separate", 8, 8), ("colocated", 4, 16)):
+        # On-policy: the rollout worker is placed too (separate: the 8th GPU of the teacher node)
+        for mode, num_teachers, num_students in (("separate", 7, 8), ("colocated", 4, 16)):
             plan = plan_placement(nodes, num_teachers=num_teachers, teacher_gpus=1, num_students=num_students,
-                                  student_gpus=1, mode=mode)
-            probes = [Probe.options(**plan.actor_options(s)).remote() for s in plan.teachers + plan.students]
+                                  student_gpus=1, mode=mode, rollout_gpus=1)
+            slots = plan.teachers + plan.students + [plan.rollout]
+            probes = [Probe.options(**plan.actor_options(s)).remote() for s in slots]
             placed = ray.get([p.where.remote() for p in probes], timeout=120)
             for p in probes:
                 ray.kill(p)
@@ -117,7 +120,7 @@ def _simulate() -> dict:
             cfg.teacher.num_replicas = num_teachers
             results, teacher, _ = _run_with_teacher_outputs(students, pool, layout, keys, "train_step", cfg)
             out[mode] = {
-                "planned": [s.node_id for s in plan.teachers + plan.students],
+                "planned": [s.node_id for s in slots],
                 "placed": placed,
                 "replica_nodes": [r.node_id for r in pool.replicas],
                 "students": [{"dp": s.dp_rank, "consumes": s.consumes, "node": s.node_id, **r}
@@ -162,7 +165,8 @@ def test_two_nodes_by_eight_gpus_place_and_route_as_planned(tmp_path):
                 assert s["rows"] == []
 
     sep = out["separate"]
-    assert sep["planned"] == [first] * 8 + [last] * 8  # teacher on one node, student on the other
+    # teacher replicas and the rollout worker on one node, the student on the other
+    assert sep["planned"] == [first] * 7 + [last] * 8 + [first]
     for node in (first, last):
         gpus = [g for (n, ids) in sep["placed"] for g in ids if n == node]
         assert len(gpus) == len(set(gpus)) == 8
