@@ -15,6 +15,8 @@ from typing import Any
 
 import ray
 
+from kdscale.data.batch import kd_token_kwargs
+
 
 def _set_threads(num_threads: int | None) -> None:
     import torch
@@ -169,7 +171,7 @@ class StudentRank:
         start = time.perf_counter()
         metrics = self.backend.train_step(
             micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens,
-            **_kd_tokens(global_num_kd_tokens),
+            **kd_token_kwargs(global_num_kd_tokens),
         )
         out = _as_dict(metrics)
         out["student_s"] = time.perf_counter() - start
@@ -193,7 +195,7 @@ class StudentRank:
         if teacher_hidden is None:
             return {"lost": lost}
         return self.backend.evaluate(micro_batches, teacher_hidden, global_num_loss_tokens=global_num_loss_tokens,
-                                     **_kd_tokens(global_num_kd_tokens))
+                                     **kd_token_kwargs(global_num_kd_tokens))
 
     def _resolve(self, refs: list) -> tuple[list | None, list[int]]:
         """The refs' tensors, or (None, indices of the unreadable refs) if ANY rank of the group failed (all ranks
@@ -284,8 +286,3 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-def _kd_tokens(global_num_kd_tokens: int | None) -> dict[str, int]:
-    """The cross-tokenizer keyword of a backend step, only when set (backends without it never see it)."""
-    return {} if global_num_kd_tokens is None else {"global_num_kd_tokens": global_num_kd_tokens}

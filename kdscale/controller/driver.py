@@ -32,7 +32,7 @@ from kdscale.controller.placement import PlacementPlan, cluster_nodes, plan_plac
 from kdscale.controller.preflight import preflight
 from kdscale.controller.prepare import PreparedModels, prepare_models
 from kdscale.controller.teacher_pool import TeacherPool, TeacherPoolError, TeacherWork
-from kdscale.data.batch import StepLayout
+from kdscale.data.batch import StepLayout, kd_token_kwargs
 from kdscale.observability.logging import get_logger
 from kdscale.observability.metrics import MetricsWriter, read_metrics
 from kdscale.observability.plot import plot_loss_curve
@@ -534,12 +534,11 @@ def _run_with_teacher_outputs(students: list[_Student], pool: TeacherPool, layou
         teacher = pool.wait(flat)
         wait_s += time.perf_counter() - start
         by_key = dict(zip(flat, teacher))
-        kd_tokens = {} if layout.global_num_kd_tokens is None else {"global_num_kd_tokens": layout.global_num_kd_tokens}
         results = _get_all(
             [
                 getattr(s.handle, method).remote(
                     layout.shards[s.dp_rank], [by_key[k].ref for k in keys[s.dp_rank]] if s.consumes else [],
-                    layout.global_num_loss_tokens, **kd_tokens,  # cross-tokenizer only
+                    layout.global_num_loss_tokens, **kd_token_kwargs(layout.global_num_kd_tokens),
                 )
                 for s in students
             ],

@@ -150,6 +150,12 @@ class StepLayout:
         return len(self.shards)
 
 
+def kd_token_kwargs(global_num_kd_tokens: int | None) -> dict[str, int]:
+    """The cross-tokenizer keyword of a student step call (``global_num_kd_tokens``), only when set: callers and
+    backends without cross-tokenizer support never see it."""
+    return {} if global_num_kd_tokens is None else {"global_num_kd_tokens": global_num_kd_tokens}
+
+
 def require_packed_sequence_support() -> None:
     """Raise unless this transformers builds block-diagonal masks from restarting position ids (both the hf teacher
     and the FSDP2 student rely on it for packed micro-batches)."""

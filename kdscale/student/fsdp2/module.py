@@ -170,7 +170,6 @@ class DistillationModule(nn.Module):
         student_head = self.model.get_output_embeddings().weight
         kd_ratio = float(self.loss_kwargs.get("kd_ratio", 1.0))
         common = {k: v for k, v in self.loss_kwargs.items() if k != "kd_ratio"}
-        device = student_head.device
         # Zero terms keep the head, every layer and the projector in the graph, so that every rank reduces the same
         # gradients even when it has no aligned row (FSDP2 collectives must match across ranks).
         loss = (kd_rows.sum() + student_head.sum()) * 0.0
@@ -214,4 +213,4 @@ class DistillationModule(nn.Module):
                     chunk_size=common.get("chunk_size", 1024), compute_dtype=common.get("compute_dtype", torch.float32),
                 ).kd_sum  # fmt: skip
             stats.append(kl_sum)
-        return loss.to(device), torch.tensor(stats, dtype=torch.float64)
+        return loss, torch.tensor(stats, dtype=torch.float64)
